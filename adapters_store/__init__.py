@@ -1,0 +1,1 @@
+"""The adapter store: format readers, validation against the served model, registry."""

@@ -1,0 +1,1 @@
+"""Python client (sync and asyncio) and the deltactl CLI."""

@@ -1,0 +1,1 @@
+"""deltaserve: the inference server (config, model, engine, deltas, gRPC service)."""

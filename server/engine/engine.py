@@ -1,0 +1,238 @@
+"""The engine: a background thread that steps the scheduler, runs the model and streams outputs."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.engine.block_manager import BlockManager
+from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from server.engine.errors import InvalidRequest, Overloaded, ShuttingDown, UnknownAdapter
+from server.engine.prompts import PromptEncoder
+from server.engine.request import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    OutputSink,
+    RequestOutput,
+    Sequence,
+    StoppingParams,
+)
+from server.engine.runner import ModelRunner
+from server.engine.sampler import make_generator, sample
+from server.engine.scheduler import Scheduler
+
+log = logging.getLogger("deltaserve.engine")
+
+
+class AdapterResolver(Protocol):
+    """Maps an adapter id to the device slot its deltas live in, for the life of a request."""
+
+    def acquire(self, adapter_id: str) -> int: ...
+    def release(self, slot: int) -> None: ...
+
+
+class NoAdapters:
+    """The resolver when no adapter store is configured: only the base model exists."""
+
+    def acquire(self, adapter_id: str) -> int:
+        raise UnknownAdapter(f"adapter {adapter_id!r} is not registered (no adapters are loaded)")
+
+    def release(self, slot: int) -> None:
+        pass
+
+
+@dataclass
+class EngineLimits:
+    """Request limits the engine enforces at submission."""
+
+    max_model_len: int
+    default_max_new_tokens: int
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    total_blocks: int
+    free_blocks: int
+    block_size: int
+    kv_usage: float
+
+
+class Engine:
+    """Continuous batching: requests join and leave the running batch at every step.
+
+    `submit` and `cancel` are thread-safe and only enqueue; the engine thread owns the
+    scheduler, the KV cache and every sequence.
+    """
+
+    def __init__(self, runner: ModelRunner, encoder: PromptEncoder, blocks: BlockManager,
+                 scheduler: Scheduler, limits: EngineLimits, eos_token_ids: frozenset[int],
+                 adapters: AdapterResolver | None = None) -> None:
+        self.runner = runner
+        self.encoder = encoder
+        self.blocks = blocks
+        self.scheduler = scheduler
+        self.limits = limits
+        self.eos_token_ids = eos_token_ids
+        self.adapters = adapters or NoAdapters()
+        self._inbox: deque[Callable[[], None]] = deque()
+        self._wakeup = threading.Event()
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="deltaserve-engine", daemon=True)
+        self.on_step: Callable[[list[Sequence]], None] | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- called from any thread -------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: OutputSink) -> Sequence:
+        """Validates and enqueues a request; raises InvalidRequest, UnknownAdapter, Overloaded."""
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down")
+        seq = self._make_sequence(request, sink)
+        if not self.scheduler.can_add():
+            self.adapters.release(seq.adapter_slot)
+            raise Overloaded(f"the waiting queue is full ({self.scheduler.max_waiting} requests)")
+        self._post(lambda: self.scheduler.add(seq))
+        return seq
+
+    def cancel(self, request_id: str) -> None:
+        self._post(lambda: self._abort(request_id))
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.num_blocks,
+                           self.blocks.num_free, self.blocks.block_size, self.blocks.usage)
+
+    def shutdown(self, grace: float) -> None:
+        """Refuses new requests, lets in-flight ones finish for `grace` seconds, cancels the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + grace
+        while self.scheduler.has_work or self._inbox:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        self._post(self._abort_all)
+        self._stop = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    # ---- submission ---------------------------------------------------------------------------
+
+    def _make_sequence(self, request: GenerationRequest, sink: OutputSink) -> Sequence:
+        request.sampling.validate()
+        prompt_ids = self.encoder.encode(request)
+        max_len = self.limits.max_model_len
+        if len(prompt_ids) >= max_len:
+            raise InvalidRequest(f"the prompt has {len(prompt_ids)} tokens; the context holds {max_len} "
+                                 f"(prompt + at least one new token)")
+        room = max_len - len(prompt_ids)
+        max_new = request.max_new_tokens or min(self.limits.default_max_new_tokens, room)
+        if max_new > room:
+            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) exceeds "
+                                 f"the context length {max_len}")
+        stopping = StoppingParams(max_new, request.stop_sequences, request.ignore_eos)
+        stopping.validate()
+        seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+        slot = self.adapters.acquire(request.adapter_id) if request.adapter_id else -1
+        seq = Sequence(
+            request_id=request.request_id, prompt_ids=prompt_ids, sampling=request.sampling,
+            stopping=stopping, seed=seed, adapter_id=request.adapter_id, adapter_slot=slot,
+            return_logprobs=request.return_logprobs, sink=sink, arrival=time.monotonic())
+        if not request.sampling.greedy:
+            seq.generator = make_generator(seed)
+        seq.detokenizer = IncrementalDetokenizer(self.encoder, prompt_ids)
+        seq.stop_checker = StopChecker(stopping.stop_sequences)
+        return seq
+
+    def _post(self, command: Callable[[], None]) -> None:
+        self._inbox.append(command)
+        self._wakeup.set()
+
+    # ---- the engine thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            while self._inbox:
+                self._inbox.popleft()()
+            if self._stop:
+                return
+            if not self.scheduler.has_work:
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # a failed step must not kill the engine: fail its requests instead
+                log.exception("engine step failed; cancelling the running requests")
+                self._abort_all()
+
+    def step(self) -> None:
+        step = self.scheduler.schedule()
+        if step.empty:
+            time.sleep(0.001)
+            return
+        seqs, logits = self.runner.run(step)
+        tokens, logprobs = sample(logits, seqs)
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+            self._advance(seq, token, logprob)
+        if self.on_step is not None:
+            self.on_step(seqs)
+
+    def _advance(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        text = seq.stop_checker.add(seq.detokenizer.add(token))
+        reason = self._finish_reason(seq, token)
+        if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
+            text += seq.stop_checker.add(seq.detokenizer.flush()) + seq.stop_checker.finish()
+        out = RequestOutput(seq.request_id, [token], text, [logprob] if logprob is not None else [])
+        if reason is not None:
+            self._finish(seq, reason, out)
+        else:
+            self._emit(seq, out)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        if seq.stop_checker.matched:
+            return FinishReason.STOP_SEQUENCE
+        if token in self.eos_token_ids and not seq.stopping.ignore_eos:
+            return FinishReason.EOS
+        if len(seq.output_ids) >= seq.stopping.max_new_tokens or len(seq) >= self.limits.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason, out: RequestOutput) -> None:
+        self.scheduler.finish(seq)
+        seq.finished = True
+        self.adapters.release(seq.adapter_slot)
+        out.finished, out.finish_reason = True, reason
+        out.result = GenerationResult(
+            request_id=seq.request_id, text=seq.stop_checker.text, token_ids=list(seq.output_ids),
+            finish_reason=reason, prompt_tokens=len(seq.prompt_ids), seed=seq.seed,
+            logprobs=list(seq.logprobs), stop_sequence=seq.stop_checker.matched, adapter_id=seq.adapter_id)
+        self._emit(seq, out)
+
+    def _emit(self, seq: Sequence, out: RequestOutput) -> None:
+        try:
+            seq.sink(out)
+        except Exception:
+            log.exception("output sink of %s failed", seq.request_id)
+
+    def _abort(self, request_id: str) -> None:
+        seq = self.scheduler.abort(request_id)
+        if seq is not None and not seq.finished:
+            self._finish(seq, FinishReason.CANCELLED, RequestOutput(seq.request_id, [], "", []))
+
+    def _abort_all(self) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._abort(seq.request_id)

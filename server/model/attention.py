@@ -1,0 +1,84 @@
+"""Paged KV cache and attention over it, in plain torch (the CPU path and the reference)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from server.model.batch import BatchDescriptor
+
+
+class PagedKVCache:
+    """Preallocated keys and values for every layer, addressed by block.
+
+    Storage is [layers, 2, num_blocks * block_size, kv_heads, head_dim]; a token's flat slot is
+    block_id * block_size + offset. Allocated once at start-up, never resized.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        # torch.empty: on CPU the pages are only touched (and so only resident) when written.
+        self.storage = torch.empty(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim,
+                                   dtype=dtype, device=device)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.storage[index, 0], self.storage[index, 1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Stores this step's keys/values [num_tokens, kv_heads, head_dim] at their slots."""
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, batch: BatchDescriptor, scale: float) -> torch.Tensor:
+    """Attention for a mixed step. q [num_tokens, heads, hd]; k, v [num_tokens, kv_heads, hd].
+
+    Returns [num_tokens, heads, hd]. Prefill rows attend causally to their own new tokens;
+    decode rows attend to their whole cached context (this step's token already written).
+    """
+    if batch.decode_is_all:
+        return _decode(q, k_cache, v_cache, batch, scale)
+    out = torch.empty_like(q)
+    for start, length in batch.prefill_ranges:
+        out[start:start + length] = _prefill(q[start:start + length], k[start:start + length],
+                                             v[start:start + length], scale)
+    if batch.num_decode:
+        rows = batch.decode_rows
+        out[rows] = _decode(q[rows], k_cache, v_cache, batch, scale)
+    return out
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # [T, H, hd] -> [1, H, T, hd]
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: BatchDescriptor,
+            scale: float) -> torch.Tensor:
+    num_seqs, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    tables = batch.decode_block_tables                     # [B, max_blocks]
+    max_len = tables.shape[1] * batch.block_size
+    k = k_cache.view(-1, batch.block_size, kv_heads, head_dim)[tables]  # [B, max_blocks, bs, kvh, hd]
+    v = v_cache.view(-1, batch.block_size, kv_heads, head_dim)[tables]
+    k = k.view(num_seqs, max_len, kv_heads, head_dim).transpose(1, 2)  # [B, kvh, L, hd]
+    v = v.view(num_seqs, max_len, kv_heads, head_dim).transpose(1, 2)
+    # Grouped-query attention without copying K/V: the query heads sharing a KV head become
+    # that head's query rows. Head h uses KV head h // group, as in Hugging Face's repeat_kv.
+    group = num_heads // kv_heads
+    qg = q.view(num_seqs, kv_heads, group, head_dim)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=batch.decode_mask, scale=scale)
+    return out.reshape(num_seqs, num_heads, head_dim)

@@ -1,0 +1,56 @@
+"""The explicit per-step batch descriptor handed to the model's forward.
+
+The runner builds one per engine step. Tokens of all scheduled sequences are laid out flat and
+grouped by adapter, so that each adapter's rows form one contiguous segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AdapterSegments:
+    """Rows of the flat token batch grouped by adapter slot (-1 = the base model)."""
+
+    bounds: list[int]        # [num_segments + 1] row offsets; segment s is rows bounds[s]:bounds[s+1]
+    slots: list[int]         # [num_segments] device adapter slot per segment, -1 for base rows
+    token_slots: torch.Tensor  # [num_tokens] adapter slot of every row, -1 for base rows
+    seq_slots: torch.Tensor    # [num_seqs] adapter slot of every sequence, in logits order
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.slots)
+
+    @property
+    def has_adapters(self) -> bool:
+        return any(slot >= 0 for slot in self.slots)
+
+
+@dataclass
+class BatchDescriptor:
+    """Everything one forward needs: flat tokens, KV placement, attention groups and adapter segments."""
+
+    input_ids: torch.Tensor      # [num_tokens]
+    positions: torch.Tensor      # [num_tokens] position of each token in its sequence
+    slot_mapping: torch.Tensor   # [num_tokens] flat KV cache slot (block * block_size + offset)
+    logits_indices: torch.Tensor  # [num_seqs] row of each sequence's last token
+    # Prefill sequences attend only to their own new tokens (no cached context), causally.
+    prefill_ranges: list[tuple[int, int]]  # [num_prefill] (first row, number of rows)
+    # Decode sequences contribute one row each and attend to their cached context.
+    decode_rows: torch.Tensor          # [num_decode] row index of each decode sequence
+    decode_block_tables: torch.Tensor  # [num_decode, max_blocks] KV block ids (padded with 0)
+    decode_mask: torch.Tensor          # [num_decode, 1, 1, max_blocks * block_size] True = attend
+    block_size: int
+    segments: AdapterSegments
+    decode_is_all: bool = field(default=False)  # every row is a decode row (no gather needed)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_decode(self) -> int:
+        return int(self.decode_rows.shape[0])

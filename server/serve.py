@@ -1,0 +1,58 @@
+"""`deltaserve serve`: load, listen, warm up, report SERVING, run until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from deltaserve.v1 import generation_pb2 as pb
+from server.app import build_engine, load
+from server.config import ServerConfig
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest
+from server.service.server import (
+    RunningServer,
+    install_signal_handlers,
+    mark_serving,
+    model_info_provider,
+    start_server,
+)
+
+log = logging.getLogger("deltaserve")
+
+
+def warm_up(engine: Engine) -> None:
+    """One short generation, so the first real request does not pay for lazy initialisation."""
+    import threading
+
+    done = threading.Event()
+    start = time.perf_counter()
+    engine.submit(GenerationRequest("warmup", prompt="Hello", max_new_tokens=2),
+                  lambda out: done.set() if out.finished else None)
+    done.wait()
+    log.info("warm-up took %.2fs", time.perf_counter() - start)
+
+
+async def start(config: ServerConfig) -> RunningServer:
+    """Everything up to SERVING; returns the running server (used by tests and `serve`)."""
+    loop = asyncio.get_running_loop()
+    loaded = await loop.run_in_executor(None, load, config)
+    engine = build_engine(loaded, config)
+    engine.start()
+    info = model_info_provider(loaded, engine, lambda: list[pb.AdapterSummary]())
+    running = await start_server(engine, info, config.host, config.port)
+    if config.warmup:
+        await loop.run_in_executor(None, warm_up, engine)
+    await mark_serving(running)
+    log.info("SERVING %s on port %d", loaded.model_id, running.port)
+    return running
+
+
+async def serve(config: ServerConfig) -> int:
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    running = await start(config)
+    await stop.wait()
+    await running.stop(config.grace_period)
+    return 0

@@ -1,0 +1,1 @@
+"""gRPC services: translate protobuf to domain objects and back; nothing else."""

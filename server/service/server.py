@@ -1,0 +1,96 @@
+"""The gRPC server: Generation, standard health checking and reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from deltaserve.v1 import generation_pb2 as pb
+from deltaserve.v1 import generation_pb2_grpc as pb_grpc
+from server.engine.engine import Engine
+from server.model.loader import LoadedModel
+from server.service.generation import GenerationService
+
+log = logging.getLogger("deltaserve.service")
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server with the handles needed to stop it."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    engine: Engine
+    port: int
+
+    async def stop(self, grace: float) -> None:
+        """NOT_SERVING at once, refuse new calls, let in-flight ones finish within `grace` seconds."""
+        log.info("shutting down: in-flight requests get %.0f s", grace)
+        await self.health.enter_graceful_shutdown()
+        self.engine._accepting = False
+        await self.server.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown, 0.0)
+
+
+def model_info_provider(loaded: LoadedModel, engine: Engine,
+                        adapters: Callable[[], list[pb.AdapterSummary]]) -> Callable[[], pb.ModelInfoResponse]:
+    def info() -> pb.ModelInfoResponse:
+        stats = engine.stats()
+        return pb.ModelInfoResponse(
+            model_id=loaded.model_id,
+            architecture=loaded.shape.architecture,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device),
+            max_context_length=engine.limits.max_model_len,
+            vocab_size=loaded.shape.vocab_size,
+            max_batch_size=engine.scheduler.max_batch_size,
+            max_waiting_requests=engine.scheduler.max_waiting,
+            kv_cache=pb.KvCacheInfo(block_size=stats.block_size, total_blocks=stats.total_blocks,
+                                    free_blocks=stats.free_blocks, usage=stats.kv_usage),
+            running_requests=stats.running,
+            waiting_requests=stats.waiting,
+            adapters=adapters(),
+        )
+    return info
+
+
+async def start_server(engine: Engine, model_info: Callable[[], pb.ModelInfoResponse], host: str,
+                       port: int) -> RunningServer:
+    """Starts listening; health stays NOT_SERVING until `mark_serving`."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(engine, model_info), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", GENERATION_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (GENERATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not listen on {host}:{port}")
+    await server.start()
+    log.info("listening on %s:%d", host, bound)
+    return RunningServer(server, health_servicer, engine, bound)
+
+
+async def mark_serving(running: RunningServer) -> None:
+    for name in ("", GENERATION_SERVICE):
+        await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

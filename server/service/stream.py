@@ -1,0 +1,39 @@
+"""Bridges the engine thread's outputs to an asyncio handler."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest, RequestOutput
+
+
+class EngineStream:
+    """Submits one request and yields its outputs; cancels it if the consumer goes away."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest) -> None:
+        self.engine = engine
+        self.request = request
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._finished = False
+
+    async def __aenter__(self) -> EngineStream:
+        loop = asyncio.get_running_loop()
+
+        def sink(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(self._queue.put_nowait, out)
+
+        # Tokenizing may take a while for a long prompt: keep the event loop free.
+        await loop.run_in_executor(None, self.engine.submit, self.request, sink)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._finished:
+            self.engine.cancel(self.request.request_id)
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        while not self._finished:
+            out = await self._queue.get()
+            self._finished = out.finished
+            yield out

@@ -1,0 +1,72 @@
+"""Test helpers: an in-process server on its own event loop thread, and engine shortcuts."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import grpc
+
+from deltaserve.v1 import generation_pb2 as pb
+from deltaserve.v1 import generation_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
+
+
+class ServerThread:
+    """Runs `server.serve.start` on a private event loop; the gRPC port is real (loopback)."""
+
+    def __init__(self, **config: Any) -> None:
+        config.setdefault("host", "127.0.0.1")
+        config.setdefault("port", 0)
+        config.setdefault("kv_cache_tokens", 16384)
+        self.config = ServerConfig(**config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.running: Any = None
+
+    def __enter__(self) -> ServerThread:
+        from server.serve import start
+
+        self.thread.start()
+        self.running = asyncio.run_coroutine_threadsafe(start(self.config), self.loop).result(timeout=300)
+        self.target = f"127.0.0.1:{self.running.port}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        return self
+
+    @property
+    def engine(self) -> Engine:
+        return self.running.engine
+
+    def __exit__(self, *exc: object) -> None:
+        self.channel.close()
+        asyncio.run_coroutine_threadsafe(self.running.stop(5.0), self.loop).result(timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    def info(self) -> pb.ModelInfoResponse:
+        return self.stub.ModelInfo(pb.ModelInfoRequest())
+
+
+def chat_request(text: str, **kwargs: Any) -> pb.GenerateRequest:
+    return pb.GenerateRequest(chat=pb.ChatPrompt(messages=[pb.ChatMessage(role="user", content=text)]), **kwargs)
+
+
+def run_engine(engine: Engine, request: GenerationRequest, timeout: float = 120) -> tuple[
+        GenerationResult, list[RequestOutput]]:
+    """Submits to a started engine and waits for the result; returns it with every output."""
+    done = threading.Event()
+    outputs: list[RequestOutput] = []
+
+    def sink(out: RequestOutput) -> None:
+        outputs.append(out)
+        if out.finished:
+            done.set()
+
+    engine.submit(request, sink)
+    assert done.wait(timeout), f"{request.request_id} did not finish in {timeout}s"
+    assert outputs[-1].result is not None
+    return outputs[-1].result, outputs
