@@ -1,0 +1,144 @@
+"""asyncio client for the deltaserve Generation service, with the same surface as `DeltaClient`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.client import DEFAULT_TARGET, Metadata, health_status_name, model_info_to_dict
+from clients.messages import GenerationResult, StreamEvent, build_request, event_from_pb, result_from_pb
+from deltaserve.v1 import generation_pb2 as pb
+from deltaserve.v1 import generation_pb2_grpc as pb_grpc
+
+
+class AsyncGenerationStream:
+    """Async-iterates a GenerateStream call: `TokenChunk` events, then the final `GenerationResult`.
+
+    Closing it early (`aclose()`, leaving an `async with` block, breaking out of an `async for` loop
+    over it, or dropping the last reference) cancels the RPC so the server frees the request.
+    """
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self._call = call
+
+    def __aiter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        message = await self._call.read()
+        if message is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return event_from_pb(message)
+
+    def cancel(self) -> bool:
+        """Cancels the RPC; False when it had already finished."""
+        return self._call.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # An `async for` that breaks drops the stream at once; cancelling here (not in a finalizer task
+        # scheduled later, as for async generators) frees the server's request immediately.
+        call = getattr(self, "_call", None)
+        if call is not None and not call.done():
+            call.cancel()
+
+
+class AsyncDeltaClient:
+    """asyncio deltaserve client over one gRPC channel; create it inside the event loop that uses it,
+    and use it as an async context manager to close the channel.
+
+    `timeout` (seconds) is the deadline of every call (for a stream, of the whole stream); `metadata`
+    (key, value) pairs are sent with every call.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, metadata: Metadata = ()) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        adapter: str = "",
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        repetition_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+        request_id: str = "",
+    ) -> GenerationResult:
+        """Generates a completion and returns it whole. Raises ValueError unless exactly one of
+        `prompt` (raw text) or `messages` (chat, [{"role": ..., "content": ...}]) is given."""
+        request = build_request(
+            prompt, messages=messages, adapter=adapter, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+            seed=seed, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id,
+        )
+        response = await self._stub.Generate(request, timeout=self.timeout, metadata=self.metadata)
+        return result_from_pb(response)
+
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        adapter: str = "",
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        repetition_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+        request_id: str = "",
+    ) -> AsyncGenerationStream:
+        """Like `generate`, but async-yields `TokenChunk`s as they come and finally the `GenerationResult`."""
+        request = build_request(
+            prompt, messages=messages, adapter=adapter, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+            seed=seed, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id,
+        )
+        call = self._stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata)
+        return AsyncGenerationStream(call)
+
+    async def model_info(self) -> dict[str, Any]:
+        """The served model, engine capacity and registered adapters, as a JSON-ready dict."""
+        info = await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+        return model_info_to_dict(info)
+
+    async def health(self, service: str = "") -> str:
+        """The standard gRPC health status name of `service` ("" is the whole server), e.g. "SERVING"."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await self._health.Check(request, timeout=self.timeout, metadata=self.metadata)
+        return health_status_name(response)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncDeltaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

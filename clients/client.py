@@ -1,0 +1,153 @@
+"""Blocking client for the deltaserve Generation service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.messages import GenerationResult, StreamEvent, build_request, event_from_pb, result_from_pb
+from deltaserve.v1 import generation_pb2 as pb
+from deltaserve.v1 import generation_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+Metadata = Sequence[tuple[str, str | bytes]]
+
+
+class _StreamCall(Protocol):
+    def __next__(self) -> pb.GenerateStreamResponse: ...
+
+    def cancel(self) -> bool: ...
+
+
+def model_info_to_dict(info: pb.ModelInfoResponse) -> dict[str, Any]:
+    return MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def health_status_name(response: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class GenerationStream:
+    """Iterates a GenerateStream call: `TokenChunk` events, then the final `GenerationResult`.
+
+    Closing it early (`close()`, leaving a `with` block, breaking out of a `for` loop over it, or
+    dropping the last reference) cancels the RPC so the server frees the request.
+    """
+
+    def __init__(self, call: _StreamCall) -> None:
+        self._call = call
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> StreamEvent:
+        return event_from_pb(next(self._call))
+
+    def cancel(self) -> bool:
+        """Cancels the RPC; False when it had already finished."""
+        return self._call.cancel()
+
+    def close(self) -> None:
+        self.cancel()
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        call = getattr(self, "_call", None)
+        if call is not None:
+            call.cancel()
+
+
+class DeltaClient:
+    """Blocking deltaserve client over one gRPC channel; use it as a context manager to close the channel.
+
+    `timeout` (seconds) is the deadline of every call (for a stream, of the whole stream); `metadata`
+    (key, value) pairs are sent with every call.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, metadata: Metadata = ()) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+        self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        adapter: str = "",
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        repetition_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+        request_id: str = "",
+    ) -> GenerationResult:
+        """Generates a completion and returns it whole. Raises ValueError unless exactly one of
+        `prompt` (raw text) or `messages` (chat, [{"role": ..., "content": ...}]) is given."""
+        request = build_request(
+            prompt, messages=messages, adapter=adapter, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+            seed=seed, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id,
+        )
+        response = self._stub.Generate(request, timeout=self.timeout, metadata=self.metadata)
+        return result_from_pb(response)
+
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        adapter: str = "",
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        repetition_penalty: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        logprobs: bool = False,
+        request_id: str = "",
+    ) -> GenerationStream:
+        """Like `generate`, but yields `TokenChunk`s as they come and finally the `GenerationResult`."""
+        request = build_request(
+            prompt, messages=messages, adapter=adapter, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+            seed=seed, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id,
+        )
+        return GenerationStream(self._stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata))
+
+    def model_info(self) -> dict[str, Any]:
+        """The served model, engine capacity and registered adapters, as a JSON-ready dict."""
+        info = self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+        return model_info_to_dict(info)
+
+    def health(self, service: str = "") -> str:
+        """The standard gRPC health status name of `service` ("" is the whole server), e.g. "SERVING"."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health_status_name(self._health.Check(request, timeout=self.timeout, metadata=self.metadata))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> DeltaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
