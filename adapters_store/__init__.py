@@ -1,1 +1,14 @@
 """The adapter store: format readers, validation against the served model, registry."""
+
+from adapters_store.errors import REASONS, AdapterError, AdapterNotFound
+from adapters_store.formats import FormatReader, detect, register_format, registered_formats
+from adapters_store.loader import load_adapter, read_adapter_config
+from adapters_store.spec import ModelSpec
+from adapters_store.store import AdapterStore
+from adapters_store.types import AdapterWeights, LoraModule, LoraParts
+
+__all__ = [
+    "REASONS", "AdapterError", "AdapterNotFound", "AdapterStore", "AdapterWeights", "FormatReader", "LoraModule",
+    "LoraParts", "ModelSpec", "detect", "load_adapter", "read_adapter_config", "register_format",
+    "registered_formats",
+]

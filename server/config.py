@@ -30,6 +30,8 @@ class ServerConfig:
     host: str = field(default="0.0.0.0", metadata=_opt("address to listen on"))
     port: int = field(default=50051, metadata=_opt("gRPC port (0 picks a free one)"))
     adapters_dir: str = field(default="", metadata=_opt("every subdirectory is registered as an adapter"))
+    max_adapter_slots: int = field(default=64, metadata=_opt("adapters resident at once in preallocated slots"))
+    max_lora_rank: int = field(default=64, metadata=_opt("largest LoRA rank a slot holds"))
     max_batch_size: int = field(default=64, metadata=_opt("most sequences in one engine step"))
     max_batched_tokens: int = field(default=4096, metadata=_opt("most tokens (prefill + decode) in one step"))
     max_model_len: int = field(default=4096, metadata=_opt("context length (prompt + output), capped by the model"))
@@ -47,8 +49,8 @@ class ServerConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("max_batch_size", "max_batched_tokens", "max_model_len", "kv_cache_tokens",
-                    "block_size", "max_waiting", "default_max_new_tokens")
+        positive = ("max_adapter_slots", "max_lora_rank", "max_batch_size", "max_batched_tokens", "max_model_len",
+                    "kv_cache_tokens", "block_size", "max_waiting", "default_max_new_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

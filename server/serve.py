@@ -7,7 +7,7 @@ import logging
 import time
 
 from deltaserve.v1 import generation_pb2 as pb
-from server.app import build_engine, load
+from server.app import ServingStack, build_stack, load
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
@@ -34,13 +34,19 @@ def warm_up(engine: Engine) -> None:
     log.info("warm-up took %.2fs", time.perf_counter() - start)
 
 
+def adapter_summaries(stack: ServingStack) -> list[pb.AdapterSummary]:
+    return [pb.AdapterSummary(id=name, format=adapter.format, methods=list(adapter.methods))
+            for name, adapter in sorted(stack.store.adapters.items())]
+
+
 async def start(config: ServerConfig) -> RunningServer:
     """Everything up to SERVING; returns the running server (used by tests and `serve`)."""
     loop = asyncio.get_running_loop()
     loaded = await loop.run_in_executor(None, load, config)
-    engine = build_engine(loaded, config)
+    stack = await loop.run_in_executor(None, build_stack, loaded, config)
+    engine = stack.engine
     engine.start()
-    info = model_info_provider(loaded, engine, lambda: list[pb.AdapterSummary]())
+    info = model_info_provider(loaded, engine, lambda: adapter_summaries(stack))
     running = await start_server(engine, info, config.host, config.port)
     if config.warmup:
         await loop.run_in_executor(None, warm_up, engine)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from server.deltas.deltaset import DeltaSet
 from server.engine.request import Sequence
 from server.engine.scheduler import ScheduledStep
 from server.model.attention import PagedKVCache
@@ -14,15 +15,19 @@ from server.model.llama import CausalLM
 class ModelRunner:
     """Owns the frozen model and its KV cache; one `run` per engine step."""
 
-    def __init__(self, model: CausalLM, kv_cache: PagedKVCache, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, kv_cache: PagedKVCache, device: torch.device,
+                 deltas: DeltaSet | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
+        self.deltas = deltas
         self.block_size = kv_cache.block_size
 
     def run(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
         """Returns the step's sequences in batch order and their next-token logits [num_seqs, vocab]."""
         seqs, batch = self.prepare(step)
+        if self.deltas is not None:
+            self.deltas.prepare(batch)
         logits = self.model(batch, self.kv_cache)
         for seq in seqs:
             seq.num_cached = len(seq)

@@ -7,6 +7,7 @@ grouped by adapter, so that each adapter's rows form one contiguous segment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,6 +47,8 @@ class BatchDescriptor:
     block_size: int
     segments: AdapterSegments
     decode_is_all: bool = field(default=False)  # every row is a decode row (no gather needed)
+    # Per-step state of each delta method in use, keyed by method name (filled by DeltaSet.prepare).
+    method_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

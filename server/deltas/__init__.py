@@ -1,0 +1,1 @@
+"""Per-request deltas: one module per parameter-efficient method, behind one interface."""

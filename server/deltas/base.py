@@ -1,0 +1,60 @@
+"""The interface every delta method implements, and the registry that picks one by part name."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from server.model.batch import BatchDescriptor
+from server.model.llama import CausalLM
+
+
+class DeltaRejected(ValueError):
+    """An adapter part this server cannot hold (e.g. a rank above --max-lora-rank)."""
+
+
+@dataclass(frozen=True)
+class DeltaLimits:
+    """Static capacity of the preallocated adapter slots."""
+
+    num_slots: int
+    max_lora_rank: int
+
+
+class DeltaMethod(ABC):
+    """One method of the unified view: where it acts (sites), how it is inserted, how it composes.
+
+    A method owns preallocated per-slot storage for its weights, hooks itself into the model's
+    sites once, and per step reads the batch's adapter segments to give every row its own delta.
+    """
+
+    name: ClassVar[str]  # the key of its part in AdapterWeights.parts
+
+    def __init__(self, model: CausalLM, limits: DeltaLimits) -> None:
+        self.model = model
+        self.limits = limits
+
+    @abstractmethod
+    def check(self, part: Any) -> None:
+        """Raises DeltaRejected if the part cannot be placed in a slot."""
+
+    @abstractmethod
+    def place(self, slot: int, part: Any) -> None:
+        """Copies the part's weights into a slot (off the hot path)."""
+
+    @abstractmethod
+    def clear(self, slot: int) -> None:
+        """Empties a slot."""
+
+    @abstractmethod
+    def prepare(self, batch: BatchDescriptor) -> None:
+        """Per-step metadata for this method, stored in batch.method_state[self.name]."""
+
+
+METHODS: dict[str, type[DeltaMethod]] = {}
+
+
+def register_method(cls: type[DeltaMethod]) -> type[DeltaMethod]:
+    METHODS[cls.name] = cls
+    return cls

@@ -1,0 +1,41 @@
+"""All delta methods of one served model, driven by part name: the engine never names a method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.deltas import lora  # noqa: F401  (registers the method)
+from server.deltas.base import METHODS, DeltaLimits, DeltaMethod, DeltaRejected
+from server.model.batch import BatchDescriptor
+from server.model.llama import CausalLM
+
+
+class DeltaSet:
+    """Instantiates every registered method on the model and routes adapter parts to them."""
+
+    def __init__(self, model: CausalLM, limits: DeltaLimits) -> None:
+        self.limits = limits
+        self.methods: dict[str, DeltaMethod] = {name: cls(model, limits) for name, cls in METHODS.items()}
+        self._used: set[str] = set()
+
+    def check(self, parts: dict[str, Any]) -> None:
+        for name, part in parts.items():
+            if name not in self.methods:
+                raise DeltaRejected(f"no delta method serves {name!r} parts (known: {', '.join(self.methods)})")
+            self.methods[name].check(part)
+
+    def place(self, slot: int, parts: dict[str, Any]) -> None:
+        self.check(parts)
+        for name, part in parts.items():
+            self.methods[name].place(slot, part)
+            self._used.add(name)
+
+    def clear(self, slot: int, parts: dict[str, Any]) -> None:
+        for name in parts:
+            self.methods[name].clear(slot)
+
+    def prepare(self, batch: BatchDescriptor) -> None:
+        if not batch.segments.has_adapters:
+            return
+        for name in self._used:
+            self.methods[name].prepare(batch)

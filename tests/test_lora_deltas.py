@@ -1,0 +1,88 @@
+"""LoRA fast paths (gathered batched products, segment loop) against the slow per-row oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters_store.types import LoraModule, LoraParts
+from server.deltas.base import DeltaLimits, DeltaRejected
+from server.deltas.deltaset import DeltaSet
+from server.model.batch import AdapterSegments, BatchDescriptor
+from server.model.loader import load_model
+
+TOL = 1e-5
+
+
+def _batch(token_slots: list[int]) -> BatchDescriptor:
+    bounds, slots = [0], []
+    for row, slot in enumerate(token_slots):
+        if slots and slot != slots[-1]:
+            bounds.append(row)
+        if not slots or slot != slots[-1]:
+            slots.append(slot)
+    bounds.append(len(token_slots))
+    empty = torch.zeros(0, dtype=torch.long)
+    t = torch.tensor(token_slots)
+    return BatchDescriptor(input_ids=t, positions=t, slot_mapping=t, logits_indices=empty, prefill_ranges=[],
+                           decode_rows=empty, decode_block_tables=empty.view(0, 0),
+                           decode_mask=torch.zeros(0, 1, 1, 0, dtype=torch.bool), block_size=1,
+                           segments=AdapterSegments(bounds, slots, t, t))
+
+
+def _random_lora(gen: torch.Generator, shape: tuple[int, int], rank: int) -> LoraModule:
+    fan_in, fan_out = shape
+    return LoraModule(a=torch.randn(rank, fan_in, generator=gen), b=torch.randn(fan_out, rank, generator=gen),
+                      scale=float(torch.rand(1, generator=gen)) * 4)
+
+
+@pytest.fixture
+def tiny(tiny_model_dir, cache_dir):
+    # A fresh model per test: a DeltaSet hooks itself into the model's linears for good.
+    return load_model(str(tiny_model_dir), cache_dir, "cpu", "float32")
+
+
+@pytest.mark.parametrize("rows_per_adapter", [1, 7])  # 1: gather path; 7: segment loop
+def test_fast_paths_equal_reference(tiny, rows_per_adapter):
+    from server.deltas.lora_reference import lora_delta_reference
+
+    gen = torch.Generator().manual_seed(rows_per_adapter)
+    deltas = DeltaSet(tiny.model, DeltaLimits(num_slots=8, max_lora_rank=16))
+    linears = tiny.model.adaptable_linears()
+    sites = sorted(linears)
+    adapters: dict[int, dict[str, LoraModule]] = {}
+    for slot, rank in enumerate((2, 4, 8, 16, 3, 5)):
+        # every adapter targets a different subset of sites, with its own rank
+        chosen = [s for i, s in enumerate(sites) if (i + slot) % 3 != 0]
+        modules = {s: _random_lora(gen, (linears[s].in_features, linears[s].out_features), rank) for s in chosen}
+        adapters[slot] = modules
+        deltas.place(slot, {"lora": LoraParts(modules)})
+    token_slots = sorted([-1] * rows_per_adapter + [s for s in adapters for _ in range(rows_per_adapter)])
+    batch = _batch(token_slots)
+    deltas.prepare(batch)
+    assert batch.method_state["lora"].gather == (rows_per_adapter == 1)
+    for site in sites:
+        linear = linears[site]
+        x = torch.randn(len(token_slots), linear.in_features, generator=gen)
+        got = linear(x, batch)
+        base = torch.nn.functional.linear(x, linear.weight, linear.bias)
+        want = base + lora_delta_reference(x, [adapters[s].get(site) if s >= 0 else None for s in token_slots])
+        assert (got - want).abs().max().item() < TOL * max(1.0, want.abs().max().item()), site
+
+
+def test_cleared_slot_gives_base_output_and_rank_limit(tiny):
+    gen = torch.Generator().manual_seed(0)
+    deltas = DeltaSet(tiny.model, DeltaLimits(num_slots=2, max_lora_rank=8))
+    q = "model.layers.0.self_attn.q_proj"
+    linear = tiny.model.adaptable_linears()[q]
+    module = _random_lora(gen, (linear.in_features, linear.out_features), 4)
+    deltas.place(0, {"lora": LoraParts({q: module})})
+    deltas.clear(0, {"lora": LoraParts({q: module})})
+    batch = _batch([0, 0])
+    deltas.prepare(batch)
+    x = torch.randn(2, linear.in_features, generator=gen)
+    assert torch.equal(linear(x, batch), torch.nn.functional.linear(x, linear.weight))
+    with pytest.raises(DeltaRejected, match="exceeds --max-lora-rank"):
+        deltas.place(1, {"lora": LoraParts({q: _random_lora(gen, (linear.in_features, linear.out_features), 9)})})
+    with pytest.raises(DeltaRejected, match="no delta method"):
+        deltas.check({"ia3": object()})
