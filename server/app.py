@@ -50,7 +50,7 @@ def build_stack(loaded: LoadedModel, config: ServerConfig) -> ServingStack:
     num_blocks = config.kv_cache_tokens // config.block_size
     max_model_len = min(config.max_model_len, shape.max_position_embeddings, num_blocks * config.block_size)
     kv_cache = PagedKVCache(shape.num_layers, num_blocks, config.block_size, shape.num_kv_heads,
-                            shape.head_dim, loaded.dtype, loaded.device)
+                            shape.head_dim, loaded.dtype, loaded.device, config.max_batch_size, max_model_len)
     log.info("KV cache: %d blocks of %d tokens (%.0f MiB), context %d tokens", num_blocks,
              config.block_size, kv_cache.nbytes / 2**20, max_model_len)
     deltas = DeltaSet(loaded.model, DeltaLimits(config.max_adapter_slots, config.max_lora_rank))

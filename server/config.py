@@ -35,12 +35,21 @@ class ServerConfig:
     max_batch_size: int = field(default=64, metadata=_opt("most sequences in one engine step"))
     max_batched_tokens: int = field(default=4096, metadata=_opt("most tokens (prefill + decode) in one step"))
     max_model_len: int = field(default=4096, metadata=_opt("context length (prompt + output), capped by the model"))
-    kv_cache_tokens: int = field(default=65536, metadata=_opt("KV cache capacity in tokens, preallocated"))
+    kv_cache_tokens: int = field(default=32768, metadata=_opt("KV cache capacity in tokens, preallocated"))
     block_size: int = field(default=16, metadata=_opt("tokens per KV cache block"))
     max_waiting: int = field(default=1024, metadata=_opt("bounded waiting queue; beyond it: RESOURCE_EXHAUSTED"))
     default_max_new_tokens: int = field(default=256, metadata=_opt("when a request does not say"))
     grace_period: float = field(default=30.0, metadata=_opt("seconds in-flight requests get on SIGTERM/SIGINT"))
     threads: int = field(default=0, metadata=_opt("torch CPU threads (0 = all cores)"))
+    metrics_port: int = field(default=9400, metadata=_opt(
+        "Prometheus /metrics HTTP port (0 picks a free one, -1 turns the endpoint off)"))
+    metrics_host: str = field(default="", metadata=_opt("address the metrics endpoint listens on (empty = --host)"))
+    metrics_top_adapters: int = field(default=50, metadata=_opt(
+        "adapters with their own label in per-adapter metrics, the most used; the rest share '__other__' "
+        "(0 = no per-adapter metrics)"))
+    metrics_vllm_compat: bool = field(default=False, metadata=_opt(
+        "also export the vLLM names (vllm:num_requests_waiting, vllm:lora_requests_info, ...) that the Gateway "
+        "API Inference Extension reads by default"))
     warmup: bool = field(default=True, metadata=_opt("run one generation before reporting SERVING"))
     log_level: str = field(default="INFO", metadata=_opt(
         "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")))
@@ -56,6 +65,10 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535, or -1 for no endpoint; got {self.metrics_port}")
+        if self.metrics_top_adapters < 0:
+            raise ValueError(f"metrics_top_adapters must not be negative, got {self.metrics_top_adapters}")
         if self.grace_period < 0 or self.threads < 0:
             raise ValueError("grace_period and threads must not be negative")
         if self.kv_cache_tokens < self.block_size:

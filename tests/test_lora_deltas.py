@@ -86,3 +86,29 @@ def test_cleared_slot_gives_base_output_and_rank_limit(tiny):
         deltas.place(1, {"lora": LoraParts({q: _random_lora(gen, (linear.in_features, linear.out_features), 9)})})
     with pytest.raises(DeltaRejected, match="no delta method"):
         deltas.check({"ia3": object()})
+
+
+def test_gathered_rows_are_reused_only_while_nothing_changed(tiny):
+    from server.deltas.lora_reference import lora_delta_reference
+
+    gen = torch.Generator().manual_seed(3)
+    deltas = DeltaSet(tiny.model, DeltaLimits(num_slots=4, max_lora_rank=8))
+    q = "model.layers.1.self_attn.q_proj"
+    linear = tiny.model.adaptable_linears()[q]
+    shape = (linear.in_features, linear.out_features)
+    modules = {slot: _random_lora(gen, shape, 4) for slot in range(4)}
+    for slot, module in modules.items():
+        deltas.place(slot, {"lora": LoraParts({q: module})})
+    token_slots = [-1, 0, 1, 2, 3]
+    x = torch.randn(len(token_slots), linear.in_features, generator=gen)
+    for round_ in range(3):
+        if round_ == 2:  # a new adapter in slot 2: the rows gathered before are stale
+            deltas.clear(2, {"lora": LoraParts({q: modules[2]})})
+            modules[2] = _random_lora(gen, shape, 8)
+            deltas.place(2, {"lora": LoraParts({q: modules[2]})})
+        batch = _batch(token_slots)
+        deltas.prepare(batch)
+        assert batch.method_state["lora"].reuse_gathered == (round_ == 1)
+        want = torch.nn.functional.linear(x, linear.weight) + lora_delta_reference(
+            x, [modules[s] if s >= 0 else None for s in token_slots])
+        assert (linear(x, batch) - want).abs().max().item() < 1e-4

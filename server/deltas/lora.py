@@ -28,6 +28,10 @@ class LoraStep:
     token_slots: torch.Tensor          # [num_tokens] slot of each row, base rows -> the zero slot
     rank: int                          # largest rank among this step's adapters (gather width)
     segments: list[tuple[int, int, int]]  # [num_adapter_segments] (first row, end row, slot)
+    # Same rows, slots, rank and placements as the previous gathered step: the per-row weights
+    # each site gathered then are still right. Decode batches keep their composition for many
+    # steps, so the gather (a copy of every row's weights) is paid only when rows join or leave.
+    reuse_gathered: bool = False
 
 
 class LoraSite:
@@ -45,6 +49,8 @@ class LoraSite:
         self.ranks = [0] * slots
         # slot -> itself where that slot's adapter targets this site, else the zero slot
         self.slot_map = torch.full((slots,), self.zero_slot, dtype=torch.long, device=weight.device)
+        self.rows_a: torch.Tensor | None = None    # [N, r, in] gathered weights of the last gathered step
+        self.rows_bt: torch.Tensor | None = None   # [N, r, out]
         linear.hooks.append(self)
 
     def write(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
@@ -65,11 +71,12 @@ class LoraSite:
         if step is None:
             return
         if step.gather:
-            idx = self.slot_map[step.token_slots]                 # [N]
-            a = self.a[idx, :step.rank]                            # [N, r, in]
-            bt = self.bt[idx, :step.rank]                          # [N, r, out]
-            h = torch.bmm(x.unsqueeze(1), a.transpose(1, 2))       # [N, 1, r]
-            y += torch.bmm(h, bt).squeeze(1)                       # [N, out]
+            if not step.reuse_gathered or self.rows_a is None:
+                idx = self.slot_map[step.token_slots]              # [N]
+                self.rows_a = self.a[idx, :step.rank]              # [N, r, in]
+                self.rows_bt = self.bt[idx, :step.rank]            # [N, r, out]
+            h = torch.bmm(x.unsqueeze(1), self.rows_a.transpose(1, 2))  # [N, 1, r]
+            y += torch.bmm(h, self.rows_bt).squeeze(1)                 # [N, out]
             return
         for start, end, slot in step.segments:
             r = self.ranks[slot]
@@ -89,6 +96,8 @@ class LoraMethod(DeltaMethod):
         self.sites: dict[str, LoraSite] = {}
         self.slot_rank = [0] * limits.num_slots
         self.zero_slot = limits.num_slots
+        self.version = 0          # bumped by every place/clear: invalidates gathered rows
+        self._last_gather: tuple | None = None
 
     def check(self, part: LoraParts) -> None:
         for path, module in part.modules.items():
@@ -105,11 +114,13 @@ class LoraMethod(DeltaMethod):
                 site = self.sites[path] = LoraSite(self.linears[path], self.limits)
             site.write(slot, module.a, module.b, module.scale)
         self.slot_rank[slot] = part.max_rank
+        self.version += 1
 
     def clear(self, slot: int) -> None:
         for site in self.sites.values():
             site.erase(slot)
         self.slot_rank[slot] = 0
+        self.version += 1
 
     def prepare(self, batch: BatchDescriptor) -> None:
         seg = batch.segments
@@ -118,7 +129,11 @@ class LoraMethod(DeltaMethod):
         if not segments:
             return
         gather = len(segments) > 2 and batch.num_tokens <= GATHER_MAX_ROWS_PER_SEGMENT * len(segments)
-        token_slots = torch.where(seg.token_slots < 0, self.zero_slot, seg.token_slots) if gather else seg.token_slots
-        batch.method_state[self.name] = LoraStep(
-            gather=gather, token_slots=token_slots, rank=max(self.slot_rank[s] for _, _, s in segments),
-            segments=segments)
+        rank = max(self.slot_rank[s] for _, _, s in segments)
+        step = LoraStep(gather=gather, token_slots=seg.token_slots, rank=rank, segments=segments)
+        if gather:
+            step.token_slots = torch.where(seg.token_slots < 0, self.zero_slot, seg.token_slots)
+            key = (tuple(seg.bounds), tuple(seg.slots), rank, self.version)
+            step.reuse_gathered = key == self._last_gather
+            self._last_gather = key
+        batch.method_state[self.name] = step

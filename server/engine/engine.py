@@ -14,6 +14,7 @@ from typing import Protocol
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from server.engine.errors import InvalidRequest, Overloaded, ShuttingDown, UnknownAdapter
+from server.engine.observer import EngineObserver
 from server.engine.prompts import PromptEncoder
 from server.engine.request import (
     FinishReason,
@@ -75,7 +76,7 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, encoder: PromptEncoder, blocks: BlockManager,
                  scheduler: Scheduler, limits: EngineLimits, eos_token_ids: frozenset[int],
-                 adapters: AdapterResolver | None = None) -> None:
+                 adapters: AdapterResolver | None = None, observer: EngineObserver | None = None) -> None:
         self.runner = runner
         self.encoder = encoder
         self.blocks = blocks
@@ -83,6 +84,7 @@ class Engine:
         self.limits = limits
         self.eos_token_ids = eos_token_ids
         self.adapters = adapters or NoAdapters()
+        self.observer = observer or EngineObserver()
         self._inbox: deque[Callable[[], None]] = deque()
         self._wakeup = threading.Event()
         self._accepting = True
@@ -93,17 +95,27 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
+    def set_observer(self, observer: EngineObserver) -> None:
+        """Replaces the observer between two steps (so it sees every later request whole)."""
+        def swap() -> None:
+            self.observer = observer
+        self._post(swap)
+
     # ---- called from any thread -------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, sink: OutputSink) -> Sequence:
         """Validates and enqueues a request; raises InvalidRequest, UnknownAdapter, Overloaded."""
-        if not self._accepting:
-            raise ShuttingDown("the server is shutting down")
-        seq = self._make_sequence(request, sink)
-        if not self.scheduler.can_add():
-            self.adapters.release(seq.adapter_slot)
-            raise Overloaded(f"the waiting queue is full ({self.scheduler.max_waiting} requests)")
-        self._post(lambda: self.scheduler.add(seq))
+        try:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            seq = self._make_sequence(request, sink)
+            if not self.scheduler.can_add():
+                self.adapters.release(seq.adapter_slot)
+                raise Overloaded(f"the waiting queue is full ({self.scheduler.max_waiting} requests)")
+        except (InvalidRequest, UnknownAdapter, Overloaded, ShuttingDown) as error:
+            self.observer.on_reject(request, error)
+            raise
+        self._post(lambda: self._enqueue(seq))
         return seq
 
     def cancel(self, request_id: str) -> None:
@@ -154,6 +166,10 @@ class Engine:
         seq.stop_checker = StopChecker(stopping.stop_sequences)
         return seq
 
+    def _enqueue(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+        self.observer.on_submit(seq)
+
     def _post(self, command: Callable[[], None]) -> None:
         self._inbox.append(command)
         self._wakeup.set()
@@ -172,12 +188,14 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception:  # a failed step must not kill the engine: fail its requests instead
+            except Exception as error:  # a failed step must not kill the engine: fail its requests instead
                 log.exception("engine step failed; cancelling the running requests")
+                self.observer.on_step_failed(error)
                 self._abort_all()
 
     def step(self) -> None:
         step = self.scheduler.schedule()
+        self.observer.on_schedule(step)
         if step.empty:
             time.sleep(0.001)
             return
@@ -185,6 +203,7 @@ class Engine:
         tokens, logprobs = sample(logits, seqs)
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             self._advance(seq, token, logprob)
+        self.observer.on_step(seqs)
         if self.on_step is not None:
             self.on_step(seqs)
 
@@ -192,6 +211,7 @@ class Engine:
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
+        self.observer.on_token(seq)
         text = seq.stop_checker.add(seq.detokenizer.add(token))
         reason = self._finish_reason(seq, token)
         if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
@@ -215,6 +235,7 @@ class Engine:
         self.scheduler.finish(seq)
         seq.finished = True
         self.adapters.release(seq.adapter_slot)
+        self.observer.on_finish(seq, reason)
         out.finished, out.finish_reason = True, reason
         out.result = GenerationResult(
             request_id=seq.request_id, text=seq.stop_checker.text, token_ids=list(seq.output_ids),

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from server.model.batch import BatchDescriptor
+
+
+@dataclass
+class KVLayer:
+    """One layer's view of the cache, with the shared decode gather workspace."""
+
+    k: torch.Tensor         # [num_blocks * block_size, kv_heads, head_dim]
+    v: torch.Tensor
+    gather_k: torch.Tensor  # [max_batch * max_blocks, block_size * kv_heads * head_dim]
+    gather_v: torch.Tensor
 
 
 class PagedKVCache:
@@ -16,46 +28,50 @@ class PagedKVCache:
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+                 head_dim: int, dtype: torch.dtype, device: torch.device, max_batch: int, max_len: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        # torch.empty: on CPU the pages are only touched (and so only resident) when written.
-        self.storage = torch.empty(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim,
+        # Zeroed, so every page is resident from the start: no page faults on the hot path.
+        self.storage = torch.zeros(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim,
                                    dtype=dtype, device=device)
+        # Decode gathers each sequence's blocks here instead of into fresh allocations every layer.
+        max_blocks = -(-max_len // block_size)
+        shape = (max_batch * max_blocks, block_size * num_kv_heads * head_dim)
+        self.gather_k = torch.empty(shape, dtype=dtype, device=device)
+        self.gather_v = torch.empty(shape, dtype=dtype, device=device)
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.storage[index, 0], self.storage[index, 1]
+    def layer(self, index: int) -> KVLayer:
+        return KVLayer(self.storage[index, 0], self.storage[index, 1], self.gather_k, self.gather_v)
 
     @property
     def nbytes(self) -> int:
         return self.storage.numel() * self.storage.element_size()
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(kv: KVLayer, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Stores this step's keys/values [num_tokens, kv_heads, head_dim] at their slots."""
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    kv.k.index_copy_(0, slot_mapping, k)
+    kv.v.index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch: BatchDescriptor, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVLayer, batch: BatchDescriptor,
+                    scale: float) -> torch.Tensor:
     """Attention for a mixed step. q [num_tokens, heads, hd]; k, v [num_tokens, kv_heads, hd].
 
     Returns [num_tokens, heads, hd]. Prefill rows attend causally to their own new tokens;
     decode rows attend to their whole cached context (this step's token already written).
     """
     if batch.decode_is_all:
-        return _decode(q, k_cache, v_cache, batch, scale)
+        return _decode(q, kv, batch, scale)
     out = torch.empty_like(q)
     for start, length in batch.prefill_ranges:
         out[start:start + length] = _prefill(q[start:start + length], k[start:start + length],
                                              v[start:start + length], scale)
     if batch.num_decode:
         rows = batch.decode_rows
-        out[rows] = _decode(q[rows], k_cache, v_cache, batch, scale)
+        out[rows] = _decode(q[rows], kv, batch, scale)
     return out
 
 
@@ -66,14 +82,15 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) ->
     return out.squeeze(0).transpose(0, 1)
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: BatchDescriptor,
-            scale: float) -> torch.Tensor:
+def _decode(q: torch.Tensor, kv: KVLayer, batch: BatchDescriptor, scale: float) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
+    kv_heads = kv.k.shape[1]
     tables = batch.decode_block_tables                     # [B, max_blocks]
     max_len = tables.shape[1] * batch.block_size
-    k = k_cache.view(-1, batch.block_size, kv_heads, head_dim)[tables]  # [B, max_blocks, bs, kvh, hd]
-    v = v_cache.view(-1, batch.block_size, kv_heads, head_dim)[tables]
+    flat = tables.reshape(-1)                              # [B * max_blocks]
+    row = batch.block_size * kv_heads * head_dim
+    k = torch.index_select(kv.k.view(-1, row), 0, flat, out=kv.gather_k[:flat.shape[0]])
+    v = torch.index_select(kv.v.view(-1, row), 0, flat, out=kv.gather_v[:flat.shape[0]])
     k = k.view(num_seqs, max_len, kv_heads, head_dim).transpose(1, 2)  # [B, kvh, L, hd]
     v = v.view(num_seqs, max_len, kv_heads, head_dim).transpose(1, 2)
     # Grouped-query attention without copying K/V: the query heads sharing a KV head become

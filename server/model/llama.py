@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.model.attention import PagedKVCache, paged_attention, write_kv
+from server.model.attention import KVLayer, PagedKVCache, paged_attention, write_kv
 from server.model.batch import BatchDescriptor
 from server.model.shape import ModelShape
 
@@ -71,14 +71,14 @@ class Attention(nn.Module):
         self.o_proj = AdaptableLinear(q_out, h, cfg.o_bias, f"{prefix}.o_proj")
 
     def forward(self, x: torch.Tensor, batch: BatchDescriptor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                kv: KVLayer) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x, batch).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x, batch).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, batch).view(n, self.num_kv_heads, self.head_dim)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
-        out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale)
+        write_kv(kv, k, v, batch.slot_mapping)
+        out = paged_attention(q, k, v, kv, batch, self.scale)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim), batch)
 
 
@@ -109,7 +109,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, batch: BatchDescriptor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                kv: KVLayer) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, kv)
         return h + self.mlp(self.post_attention_layernorm(h), batch)
 

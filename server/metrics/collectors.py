@@ -1,0 +1,87 @@
+"""Gauges read when scraped: requests in flight, KV cache, adapter residency, static configuration."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from adapters_store.store import AdapterStore
+from server.deltas.slots import AdapterSlots
+from server.engine.block_manager import BlockManager
+from server.metrics.definitions import PREFIX, method_label
+from server.metrics.inflight import InFlight
+
+TIERS = ("device", "host")
+
+
+@dataclass(frozen=True)
+class ModelLabels:
+    """What `deltaserve_model_info` says about the served model."""
+
+    model: str
+    architecture: str
+    dtype: str
+    device: str
+
+
+class ServerStateCollector(Collector):
+    """Engine and adapter gauges computed at scrape time from the live objects (no engine-side work)."""
+
+    def __init__(self, inflight: InFlight, blocks: BlockManager, store: AdapterStore, slots: AdapterSlots,
+                 model: ModelLabels) -> None:
+        self.inflight = inflight
+        self.blocks = blocks
+        self.store = store
+        self.slots = slots
+        self.model = model
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._engine()
+        yield from self._adapters()
+        yield from self._static()
+
+    def _engine(self) -> Iterator[Metric]:
+        now = self.inflight.snapshot()
+        yield GaugeMetricFamily(PREFIX + "requests_running", "Requests in the running batch", value=now.running)
+        yield GaugeMetricFamily(PREFIX + "requests_waiting", "Requests in the waiting queue (not yet scheduled, "
+                                "or preempted)", value=now.waiting)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1)",
+                                value=self.blocks.usage)
+
+    def _adapters(self) -> Iterator[Metric]:
+        adapters = self.store.adapters
+        resident = self.slots.resident()
+        registered: Counter[str] = Counter()
+        by_tier: dict[str, Counter[str]] = {tier: Counter() for tier in TIERS}
+        for name, weights in adapters.items():
+            method = method_label(weights.methods)
+            registered[method] += 1
+            by_tier["device" if name in resident else "host"][method] += 1
+        family = GaugeMetricFamily(PREFIX + "adapters_registered", "Adapters the server can serve, by method",
+                                   labels=["method"])
+        for method in sorted(registered):
+            family.add_metric([method], registered[method])
+        yield family
+        family = GaugeMetricFamily(PREFIX + "adapters_resident", "Registered adapters by where their weights are: "
+                                   "device (in a slot, servable at once) or host (in host memory only)",
+                                   labels=["method", "tier"])
+        for method in sorted(registered):
+            for tier in TIERS:
+                family.add_metric([method, tier], by_tier[tier][method])
+        yield family
+        yield GaugeMetricFamily(PREFIX + "adapter_device_slots", "Adapter slots on the device (the most adapters "
+                                "resident at once)", value=self.slots.num_slots)
+
+    def _static(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(PREFIX + "model_info", "The served model (always 1)",
+                                 labels=["model", "architecture", "dtype", "device"])
+        info.add_metric([self.model.model, self.model.architecture, self.model.dtype, self.model.device], 1)
+        yield info
+        cache = GaugeMetricFamily(PREFIX + "cache_config_info", "KV cache geometry (always 1)",
+                                  labels=["block_size", "num_blocks"])
+        cache.add_metric([str(self.blocks.block_size), str(self.blocks.num_blocks)], 1)
+        yield cache
