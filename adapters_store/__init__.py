@@ -5,10 +5,17 @@ from adapters_store.formats import FormatReader, detect, register_format, regist
 from adapters_store.loader import load_adapter, read_adapter_config
 from adapters_store.spec import ModelSpec
 from adapters_store.store import AdapterStore
-from adapters_store.types import AdapterWeights, LoraModule, LoraParts
+from adapters_store.types import (
+    AdapterWeights,
+    BottleneckModule,
+    BottleneckParts,
+    LoraModule,
+    LoraParts,
+    PrefixParts,
+)
 
 __all__ = [
-    "REASONS", "AdapterError", "AdapterNotFound", "AdapterStore", "AdapterWeights", "FormatReader", "LoraModule",
-    "LoraParts", "ModelSpec", "detect", "load_adapter", "read_adapter_config", "register_format",
-    "registered_formats",
+    "REASONS", "AdapterError", "AdapterNotFound", "AdapterStore", "AdapterWeights", "BottleneckModule",
+    "BottleneckParts", "FormatReader", "LoraModule", "LoraParts", "ModelSpec", "PrefixParts", "detect",
+    "load_adapter", "read_adapter_config", "register_format", "registered_formats",
 ]

@@ -211,7 +211,7 @@ BAD: dict[str, tuple[Callable[[torch.nn.Module, Path], None], str, list[str]]] =
     "no_config": (no_config, "bad_config", ["no adapter_config.json", "adapter_model.safetensors"]),
     "config_is_a_list": (config_is_a_list, "bad_config", ["adapter_config.json", "JSON list"]),
     "other_peft_type": (other_peft_type, "unknown_format", ["peft_type 'IA3'", "peft_lora"]),
-    "adapterhub": (adapterhub, "unknown_format", ["AdapterHub"]),
+    "adapterhub": (adapterhub, "bad_config", ["adapter_config.json", "'name'"]),  # read by the adapterhub reader
     "dora": (dora, "unsupported_option", ["use_dora=True", "DoRA"]),
     "magnitude_tensor": (magnitude_tensor, "unsupported_option", ["lora_magnitude_vector", "use_dora"]),
     "modules_to_save": (modules_to_save, "unsupported_option", ["modules_to_save=['lm_head']"]),

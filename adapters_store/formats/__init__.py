@@ -4,7 +4,10 @@ A new format is one module with a reader object (`name`, `matches(config)`, `rea
 spec)`) and one `register_format(...)` call below or in the caller's own code.
 """
 
+from adapters_store.formats.adapterhub import AdapterHubReader
+from adapters_store.formats.native import NativeReader
 from adapters_store.formats.peft_lora import PeftLoraReader
+from adapters_store.formats.peft_prefix import PeftPrefixReader
 from adapters_store.formats.registry import (
     FormatReader,
     detect,
@@ -14,6 +17,9 @@ from adapters_store.formats.registry import (
 )
 
 register_format(PeftLoraReader(), replace=True)
+register_format(PeftPrefixReader(), replace=True)
+register_format(AdapterHubReader(), replace=True)
+register_format(NativeReader(), replace=True)
 
-__all__ = ["FormatReader", "PeftLoraReader", "detect", "register_format", "registered_formats",
-           "unregister_format"]
+__all__ = ["AdapterHubReader", "FormatReader", "NativeReader", "PeftLoraReader", "PeftPrefixReader", "detect",
+           "register_format", "registered_formats", "unregister_format"]
