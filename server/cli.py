@@ -16,11 +16,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a model over gRPC",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(serve)
+    convert = sub.add_parser("convert", help="convert a pickled adapter (AdapterHub pytorch_adapter.bin, PEFT "
+                             "adapter_model.bin) into a safetensors adapter directory, offline")
+    convert.add_argument("src", help="the adapter directory holding the pickle and adapter_config.json")
+    convert.add_argument("dst", help="a new directory to write the safetensors adapter into")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        from adapters_store.convert import main as convert
+
+        return convert(args.src, args.dst)
     try:
         config = config_from_args(args)
     except ValueError as error:
