@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from os import PathLike
 from pathlib import Path
 
 from adapters_store.errors import AdapterError, AdapterNotFound
+from adapters_store.events import StoreListener
 from adapters_store.loader import load_adapter
 from adapters_store.spec import ModelSpec
 from adapters_store.types import AdapterWeights
@@ -23,8 +25,10 @@ class AdapterStore:
     stops the others.
     """
 
-    def __init__(self, spec: ModelSpec, adapters_dir: str | PathLike[str] | None = None) -> None:
+    def __init__(self, spec: ModelSpec, adapters_dir: str | PathLike[str] | None = None,
+                 listener: StoreListener | None = None) -> None:
         self.spec = spec
+        self.listener = listener or StoreListener()
         self.adapters_dir = Path(adapters_dir) if adapters_dir is not None else None
         self._lock = threading.RLock()
         self._adapters: dict[str, AdapterWeights] = {}
@@ -79,7 +83,13 @@ class AdapterStore:
 
         Raises AdapterError and changes nothing if the adapter is refused.
         """
-        weights = load_adapter(name, path, self.spec)  # slow (disk, validation): outside the lock
+        start = time.perf_counter()
+        try:
+            weights = load_adapter(name, path, self.spec)  # slow (disk, validation): outside the lock
+        except Exception as error:
+            self.listener.on_load_failed(name, error.reason if isinstance(error, AdapterError) else "load_failed")
+            raise
+        self.listener.on_load(weights, time.perf_counter() - start)
         with self._lock:
             self._adapters[name] = weights
             self._rejected.pop(name, None)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters_store.events import DELTA_REJECTED, StoreListener
 from adapters_store.spec import ModelSpec
 from adapters_store.store import AdapterStore
 from server.config import ServerConfig
@@ -45,7 +46,7 @@ def load(config: ServerConfig) -> LoadedModel:
     return load_model(config.model, config.cache_dir, config.device, config.dtype)
 
 
-def build_stack(loaded: LoadedModel, config: ServerConfig) -> ServingStack:
+def build_stack(loaded: LoadedModel, config: ServerConfig, store_listener: StoreListener | None = None) -> ServingStack:
     shape = loaded.shape
     num_blocks = config.kv_cache_tokens // config.block_size
     max_model_len = min(config.max_model_len, shape.max_position_embeddings, num_blocks * config.block_size)
@@ -54,7 +55,7 @@ def build_stack(loaded: LoadedModel, config: ServerConfig) -> ServingStack:
     log.info("KV cache: %d blocks of %d tokens (%.0f MiB), context %d tokens", num_blocks,
              config.block_size, kv_cache.nbytes / 2**20, max_model_len)
     deltas = DeltaSet(loaded.model, DeltaLimits(config.max_adapter_slots, config.max_lora_rank))
-    store = AdapterStore(ModelSpec.from_hf_model(loaded.model), config.adapters_dir or None)
+    store = AdapterStore(ModelSpec.from_hf_model(loaded.model), config.adapters_dir or None, store_listener)
     scan_adapters(store, deltas)
     slots = AdapterSlots(store, deltas)
     blocks = BlockManager(num_blocks, config.block_size)
@@ -75,6 +76,7 @@ def scan_adapters(store: AdapterStore, deltas: DeltaSet) -> None:
             deltas.check(store.get(name).parts)
         except DeltaRejected as error:
             store.remove(name)
+            store.listener.on_load_failed(name, DELTA_REJECTED)
             log.warning("rejected adapter %r: %s", name, error)
     log.info("serving %d adapters from %s (%d rejected)", len(store), store.adapters_dir, len(store.rejected))
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from deltaserve.v1 import generation_pb2 as pb
 from server.app import ServingStack, build_stack, load
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
+from server.metrics import ServerMetrics
 from server.service.server import (
     RunningServer,
     install_signal_handlers,
@@ -39,20 +41,52 @@ def adapter_summaries(stack: ServingStack) -> list[pb.AdapterSummary]:
             for name, adapter in sorted(stack.store.adapters.items())]
 
 
-async def start(config: ServerConfig) -> RunningServer:
+@dataclass
+class Serving:
+    """A started server: the gRPC server over the stack, and the metrics endpoint unless turned off."""
+
+    grpc: RunningServer
+    stack: ServingStack
+    metrics: ServerMetrics | None
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def engine(self) -> Engine:
+        return self.grpc.engine
+
+    async def stop(self, grace: float) -> None:
+        await self.grpc.stop(grace)
+        if self.metrics is not None:  # last: scrapes still see the drain
+            self.metrics.stop()
+
+
+async def start(config: ServerConfig) -> Serving:
     """Everything up to SERVING; returns the running server (used by tests and `serve`)."""
     loop = asyncio.get_running_loop()
     loaded = await loop.run_in_executor(None, load, config)
-    stack = await loop.run_in_executor(None, build_stack, loaded, config)
+    metrics = ServerMetrics(config) if config.metrics_port >= 0 else None
+    stack = await loop.run_in_executor(None, build_stack, loaded, config, metrics.loads if metrics else None)
     engine = stack.engine
     engine.start()
     info = model_info_provider(loaded, engine, lambda: adapter_summaries(stack))
     running = await start_server(engine, info, config.host, config.port)
+    if metrics is not None:
+        metrics.attach(stack)
+        try:
+            metrics.serve()
+        except OSError:
+            await running.stop(0)
+            raise
     if config.warmup:
         await loop.run_in_executor(None, warm_up, engine)
+    if metrics is not None:  # after the warm-up, so its request is not counted
+        engine.set_observer(metrics.observer)
     await mark_serving(running)
     log.info("SERVING %s on port %d", loaded.model_id, running.port)
-    return running
+    return Serving(running, stack, metrics)
 
 
 async def serve(config: ServerConfig) -> int:

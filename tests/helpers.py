@@ -22,6 +22,7 @@ class ServerThread:
         config.setdefault("host", "127.0.0.1")
         config.setdefault("port", 0)
         config.setdefault("kv_cache_tokens", 16384)
+        config.setdefault("metrics_port", 0)   # tests may run several servers: never the fixed default
         self.config = ServerConfig(**config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -40,6 +41,10 @@ class ServerThread:
     @property
     def engine(self) -> Engine:
         return self.running.engine
+
+    @property
+    def metrics_url(self) -> str:
+        return self.running.metrics.server.url
 
     def __exit__(self, *exc: object) -> None:
         self.channel.close()

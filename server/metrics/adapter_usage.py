@@ -35,7 +35,7 @@ class AdapterUsage(Collector):
         self.top = top
         self._lock = threading.Lock()
         self._uses: dict[str, int] = {}      # every adapter ever counted: the ranking
-        self._members: set[str] = set()      # at most `top` names with their own label
+        self._members: dict[str, None] = {}  # at most `top` names with their own label, oldest first
         self._series: dict[str, _Counts] = {OTHER: _Counts()}
 
     @property
@@ -68,12 +68,12 @@ class AdapterUsage(Collector):
         if adapter in members:
             return
         if len(members) < self.top:
-            members.add(adapter)
+            members[adapter] = None
             return
-        weakest = min(members, key=self._uses.__getitem__)   # O(top), once per request at most
+        weakest = min(members, key=self._uses.__getitem__)   # O(top), once per request at most; ties: oldest
         if uses > self._uses[weakest]:
-            members.discard(weakest)
-            members.add(adapter)
+            del members[weakest]
+            members[adapter] = None
 
     def _counts(self, adapter: str) -> _Counts:
         label = adapter if adapter in self._members else OTHER

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from adapters_store.errors import REASONS
+from adapters_store.events import DELTA_REJECTED
 from server.engine.request import FinishReason
 
 PREFIX = "deltaserve_"
@@ -35,8 +36,6 @@ OUTCOMES = {
     FAILED: (FinishReason.CANCELLED.value,),
     REJECTED: REJECT_REASONS,
 }
-# Adapters the server itself refuses after the store accepted them (e.g. a rank above --max-lora-rank).
-DELTA_REJECTED = "delta_rejected"
 
 
 def count_buckets(limit: int) -> tuple[float, ...]:
