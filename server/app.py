@@ -54,7 +54,8 @@ def build_stack(loaded: LoadedModel, config: ServerConfig, store_listener: Store
                             shape.head_dim, loaded.dtype, loaded.device, config.max_batch_size, max_model_len)
     log.info("KV cache: %d blocks of %d tokens (%.0f MiB), context %d tokens", num_blocks,
              config.block_size, kv_cache.nbytes / 2**20, max_model_len)
-    deltas = DeltaSet(loaded.model, DeltaLimits(config.max_adapter_slots, config.max_lora_rank))
+    deltas = DeltaSet(loaded.model, DeltaLimits(config.max_adapter_slots, config.max_lora_rank,
+                                                     config.max_prefix_tokens))
     store = AdapterStore(ModelSpec.from_hf_model(loaded.model), config.adapters_dir or None, store_listener)
     scan_adapters(store, deltas)
     slots = AdapterSlots(store, deltas)

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "DELTASERVE_"
+# RoPE tables reach this far past the model's context, for PEFT prefixes that shift positions.
+MAX_PREFIX_TOKENS = 512
 
 
 def _opt(help: str, **extra: Any) -> Any:
@@ -32,6 +34,7 @@ class ServerConfig:
     adapters_dir: str = field(default="", metadata=_opt("every subdirectory is registered as an adapter"))
     max_adapter_slots: int = field(default=64, metadata=_opt("adapters resident at once in preallocated slots"))
     max_lora_rank: int = field(default=64, metadata=_opt("largest LoRA rank a slot holds"))
+    max_prefix_tokens: int = field(default=64, metadata=_opt("longest prefix (virtual tokens) a slot holds"))
     max_batch_size: int = field(default=64, metadata=_opt("most sequences in one engine step"))
     max_batched_tokens: int = field(default=4096, metadata=_opt("most tokens (prefill + decode) in one step"))
     max_model_len: int = field(default=4096, metadata=_opt("context length (prompt + output), capped by the model"))
@@ -58,8 +61,8 @@ class ServerConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("max_adapter_slots", "max_lora_rank", "max_batch_size", "max_batched_tokens", "max_model_len",
-                    "kv_cache_tokens", "block_size", "max_waiting", "default_max_new_tokens")
+        positive = ("max_adapter_slots", "max_lora_rank", "max_prefix_tokens", "max_batch_size", "max_batched_tokens",
+                    "max_model_len", "kv_cache_tokens", "block_size", "max_waiting", "default_max_new_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -71,6 +74,8 @@ class ServerConfig:
             raise ValueError(f"metrics_top_adapters must not be negative, got {self.metrics_top_adapters}")
         if self.grace_period < 0 or self.threads < 0:
             raise ValueError("grace_period and threads must not be negative")
+        if self.max_prefix_tokens > MAX_PREFIX_TOKENS:
+            raise ValueError(f"max_prefix_tokens must be at most {MAX_PREFIX_TOKENS}")
         if self.kv_cache_tokens < self.block_size:
             raise ValueError("kv_cache_tokens must hold at least one block")
         for name in ("device", "dtype", "log_level"):

@@ -20,6 +20,7 @@ class DeltaLimits:
 
     num_slots: int
     max_lora_rank: int
+    max_prefix_tokens: int = 64
 
 
 class DeltaMethod(ABC):
@@ -50,6 +51,17 @@ class DeltaMethod(ABC):
     @abstractmethod
     def prepare(self, batch: BatchDescriptor) -> None:
         """Per-step metadata for this method, stored in batch.method_state[self.name]."""
+
+    def position_offset(self, slot: int) -> int:
+        """How far this slot's adapter shifts its requests' token positions (PEFT prefix tuning)."""
+        return 0
+
+
+def adapter_segments(batch: BatchDescriptor, has_part: list[bool]) -> list[tuple[int, int, int]]:
+    """The batch's (first row, end row, slot) segments whose slot holds this method's part."""
+    seg = batch.segments
+    return [(seg.bounds[i], seg.bounds[i + 1], slot) for i, slot in enumerate(seg.slots)
+            if slot >= 0 and has_part[slot]]
 
 
 METHODS: dict[str, type[DeltaMethod]] = {}

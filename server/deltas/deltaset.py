@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.deltas import lora  # noqa: F401  (registers the method)
+from server.deltas import bottleneck, lora, prefix  # noqa: F401  (each registers its method)
 from server.deltas.base import METHODS, DeltaLimits, DeltaMethod, DeltaRejected
 from server.model.batch import BatchDescriptor
 from server.model.llama import CausalLM
@@ -33,6 +33,11 @@ class DeltaSet:
     def clear(self, slot: int, parts: dict[str, Any]) -> None:
         for name in parts:
             self.methods[name].clear(slot)
+
+    def position_offset(self, slot: int) -> int:
+        if slot < 0:
+            return 0
+        return sum(self.methods[name].position_offset(slot) for name in self._used)
 
     def prepare(self, batch: BatchDescriptor) -> None:
         if not batch.segments.has_adapters:

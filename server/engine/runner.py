@@ -48,6 +48,7 @@ class ModelRunner:
         lengths: list[int] = []
         for seq in seqs:
             start, total = len(ids), len(seq)
+            offset = self.deltas.position_offset(seq.adapter_slot) if self.deltas is not None else 0
             if seq.num_cached == 0:
                 new_ids, first = seq.all_ids, 0
                 prefill_ranges.append((start, total))
@@ -59,7 +60,7 @@ class ModelRunner:
                 lengths.append(total)
             ids.extend(new_ids)
             pos = range(first, total)
-            positions.extend(pos)
+            positions.extend(p + offset for p in pos)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             token_slots.extend([seq.adapter_slot] * len(new_ids))

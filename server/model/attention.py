@@ -57,32 +57,45 @@ def write_kv(kv: KVLayer, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVLayer, batch: BatchDescriptor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, layer: int) -> torch.Tensor:
     """Attention for a mixed step. q [num_tokens, heads, hd]; k, v [num_tokens, kv_heads, hd].
 
     Returns [num_tokens, heads, hd]. Prefill rows attend causally to their own new tokens;
-    decode rows attend to their whole cached context (this step's token already written).
+    decode rows attend to their whole cached context (this step's token already written). Rows
+    with joined keys/values (prefix tuning) also attend to those, in front, always visible.
     """
+    joined = batch.joined_kv
     if batch.decode_is_all:
-        return _decode(q, kv, batch, scale)
+        return _decode(q, kv, batch, scale, joined.decode(layer) if joined else None)
     out = torch.empty_like(q)
-    for start, length in batch.prefill_ranges:
-        out[start:start + length] = _prefill(q[start:start + length], k[start:start + length],
-                                             v[start:start + length], scale)
+    for index, (start, length) in enumerate(batch.prefill_ranges):
+        rows = slice(start, start + length)
+        extra = joined.prefill(layer, index) if joined else None
+        out[rows] = _prefill(q[rows], k[rows], v[rows], scale, extra)
     if batch.num_decode:
         rows = batch.decode_rows
-        out[rows] = _decode(q[rows], kv, batch, scale)
+        out[rows] = _decode(q[rows], kv, batch, scale, joined.decode(layer) if joined else None)
     return out
 
 
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+             extra: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    mask = None
+    if extra is not None:
+        # [P + T, kvh, hd]: the joined keys first, visible to every query; causal among the real tokens.
+        num_extra, length = extra[0].shape[0], q.shape[0]
+        k, v = torch.cat((extra[0], k)), torch.cat((extra[1], v))
+        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        mask = torch.cat((torch.ones(length, num_extra, dtype=torch.bool, device=q.device), causal), dim=1)
     # [T, H, hd] -> [1, H, T, hd]
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                         enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
 
 
-def _decode(q: torch.Tensor, kv: KVLayer, batch: BatchDescriptor, scale: float) -> torch.Tensor:
+def _decode(q: torch.Tensor, kv: KVLayer, batch: BatchDescriptor, scale: float,
+            extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     kv_heads = kv.k.shape[1]
     tables = batch.decode_block_tables                     # [B, max_blocks]
@@ -93,9 +106,13 @@ def _decode(q: torch.Tensor, kv: KVLayer, batch: BatchDescriptor, scale: float) 
     v = torch.index_select(kv.v.view(-1, row), 0, flat, out=kv.gather_v[:flat.shape[0]])
     k = k.view(num_seqs, max_len, kv_heads, head_dim).transpose(1, 2)  # [B, kvh, L, hd]
     v = v.view(num_seqs, max_len, kv_heads, head_dim).transpose(1, 2)
+    mask = batch.decode_mask
+    if extra is not None:
+        k, v = torch.cat((extra[0], k), dim=2), torch.cat((extra[1], v), dim=2)  # [B, kvh, P + L, hd]
+        mask = torch.cat((extra[2], mask), dim=3)
     # Grouped-query attention without copying K/V: the query heads sharing a KV head become
     # that head's query rows. Head h uses KV head h // group, as in Hugging Face's repeat_kv.
     group = num_heads // kv_heads
     qg = q.view(num_seqs, kv_heads, group, head_dim)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=batch.decode_mask, scale=scale)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.reshape(num_seqs, num_heads, head_dim)

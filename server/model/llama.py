@@ -18,6 +18,10 @@ from server.model.shape import ModelShape
 
 # A delta hook adds its contribution to a site's output in place: hook(x, y, batch).
 DeltaHook = Callable[[torch.Tensor, torch.Tensor, BatchDescriptor], None]
+# A block hook adds to a sub-block's output (the residual stream after its residual add) in place:
+# hook(sublayer_input, sublayer_output, block_output, batch).
+BlockHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BatchDescriptor], None]
+SUB_BLOCKS = ("attn", "ffn")
 
 
 class AdaptableLinear(nn.Linear):
@@ -60,8 +64,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class Attention(nn.Module):
     """Self-attention with GQA over the paged KV cache."""
 
-    def __init__(self, cfg: ModelShape, prefix: str) -> None:
+    def __init__(self, cfg: ModelShape, prefix: str, layer_index: int) -> None:
         super().__init__()
+        self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = self.head_dim ** -0.5
         h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -78,7 +83,7 @@ class Attention(nn.Module):
         v = self.v_proj(x, batch).view(n, self.num_kv_heads, self.head_dim)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         write_kv(kv, k, v, batch.slot_mapping)
-        out = paged_attention(q, k, v, kv, batch, self.scale)
+        out = paged_attention(q, k, v, kv, batch, self.scale, self.layer_index)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim), batch)
 
 
@@ -103,15 +108,23 @@ class DecoderLayer(nn.Module):
         super().__init__()
         prefix = f"model.layers.{index}"
         self.index = index
-        self.self_attn = Attention(cfg, f"{prefix}.self_attn")
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", index)
         self.mlp = MLP(cfg, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.block_hooks: dict[str, list[BlockHook]] = {name: [] for name in SUB_BLOCKS}
 
     def forward(self, x: torch.Tensor, batch: BatchDescriptor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: KVLayer) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), batch, cos, sin, kv)
-        return h + self.mlp(self.post_attention_layernorm(h), batch)
+        attn = self.self_attn(self.input_layernorm(x), batch, cos, sin, kv)
+        h = x + attn
+        for hook in self.block_hooks["attn"]:
+            hook(x, attn, h, batch)
+        mlp = self.mlp(self.post_attention_layernorm(h), batch)
+        out = h + mlp
+        for hook in self.block_hooks["ffn"]:
+            hook(h, mlp, out, batch)
+        return out
 
 
 class LlamaBackbone(nn.Module):

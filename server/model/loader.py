@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from server.config import MAX_PREFIX_TOKENS
 from server.model.default_model import MODEL_ID, default_model_dir
 from server.model.llama import CausalLM
 from server.model.shape import ModelShape
@@ -68,7 +69,7 @@ def load_model(model: str, cache_dir: str, device: str = "auto", dtype: str = "a
     dt = resolve_dtype(dtype, dev)
     hf_config = AutoConfig.from_pretrained(path)
     shape = ModelShape.from_hf_config(hf_config)
-    cos, sin = rope_tables(hf_config, shape.max_position_embeddings)
+    cos, sin = rope_tables(hf_config, shape.max_position_embeddings + MAX_PREFIX_TOKENS)
     start = time.perf_counter()
     with torch.device("meta"):
         net = CausalLM(shape, cos, sin)
