@@ -51,11 +51,13 @@ def build_stack(loaded: LoadedModel, config: ServerConfig, store_listener: Store
     num_blocks = config.kv_cache_tokens // config.block_size
     max_model_len = min(config.max_model_len, shape.max_position_embeddings, num_blocks * config.block_size)
     kv_cache = PagedKVCache(shape.num_layers, num_blocks, config.block_size, shape.num_kv_heads,
-                            shape.head_dim, loaded.dtype, loaded.device, config.max_batch_size, max_model_len)
+                            shape.head_dim, loaded.dtype, loaded.device, config.max_batch_size, max_model_len,
+                            prefix_slots=config.max_adapter_slots, prefix_tokens=config.max_prefix_tokens)
     log.info("KV cache: %d blocks of %d tokens (%.0f MiB), context %d tokens", num_blocks,
              config.block_size, kv_cache.nbytes / 2**20, max_model_len)
     deltas = DeltaSet(loaded.model, DeltaLimits(config.max_adapter_slots, config.max_lora_rank,
                                                      config.max_prefix_tokens))
+    deltas.bind_kv_cache(kv_cache)
     store = AdapterStore(ModelSpec.from_hf_model(loaded.model), config.adapters_dir or None, store_listener)
     scan_adapters(store, deltas)
     slots = AdapterSlots(store, deltas)

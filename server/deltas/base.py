@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from server.model.attention import PagedKVCache
 from server.model.batch import BatchDescriptor
 from server.model.llama import CausalLM
 
@@ -35,6 +36,7 @@ class DeltaMethod(ABC):
     def __init__(self, model: CausalLM, limits: DeltaLimits) -> None:
         self.model = model
         self.limits = limits
+        self.kv_cache = None
 
     @abstractmethod
     def check(self, part: Any) -> None:
@@ -55,6 +57,14 @@ class DeltaMethod(ABC):
     def position_offset(self, slot: int) -> int:
         """How far this slot's adapter shifts its requests' token positions (PEFT prefix tuning)."""
         return 0
+
+    def bind_kv_cache(self, kv_cache: PagedKVCache) -> None:
+        """Gives the method the KV cache, for methods that keep keys/values in it."""
+        self.kv_cache: PagedKVCache | None = kv_cache
+
+    def kv_prefix(self, slot: int) -> tuple[list[int], int] | None:
+        """KV blocks every request of this slot attends to in front of its own, and how many tokens they hold."""
+        return None
 
 
 def adapter_segments(batch: BatchDescriptor, has_part: list[bool]) -> list[tuple[int, int, int]]:

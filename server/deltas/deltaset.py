@@ -6,6 +6,7 @@ from typing import Any
 
 from server.deltas import bottleneck, lora, prefix  # noqa: F401  (each registers its method)
 from server.deltas.base import METHODS, DeltaLimits, DeltaMethod, DeltaRejected
+from server.model.attention import PagedKVCache
 from server.model.batch import BatchDescriptor
 from server.model.llama import CausalLM
 
@@ -33,6 +34,19 @@ class DeltaSet:
     def clear(self, slot: int, parts: dict[str, Any]) -> None:
         for name in parts:
             self.methods[name].clear(slot)
+
+    def bind_kv_cache(self, kv_cache: PagedKVCache) -> None:
+        for method in self.methods.values():
+            method.bind_kv_cache(kv_cache)
+
+    def kv_prefix(self, slot: int) -> tuple[list[int], int] | None:
+        if slot < 0:
+            return None
+        for name in self._used:
+            found = self.methods[name].kv_prefix(slot)
+            if found is not None:
+                return found
+        return None
 
     def position_offset(self, slot: int) -> int:
         if slot < 0:

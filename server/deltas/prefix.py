@@ -68,6 +68,8 @@ class PrefixMethod(DeltaMethod):
     def place(self, slot: int, part: PrefixParts) -> None:
         self.keys[slot] = part.keys.to(device=self.device, dtype=self.dtype).contiguous()
         self.values[slot] = part.values.to(device=self.device, dtype=self.dtype).contiguous()
+        if self.kv_cache is not None:
+            self.kv_cache.write_prefix(slot, self.keys[slot], self.values[slot])
         self.offsets[slot] = part.num_virtual_tokens if part.positions == "shifted" else 0
         self.version += 1
 
@@ -79,13 +81,23 @@ class PrefixMethod(DeltaMethod):
     def position_offset(self, slot: int) -> int:
         return self.offsets[slot]
 
+    def kv_prefix(self, slot: int) -> tuple[list[int], int] | None:
+        keys = self.keys[slot]
+        if self.kv_cache is None or keys is None:
+            return None
+        return self.kv_cache.prefix_blocks(slot, keys.shape[1]), keys.shape[1]
+
     def prepare(self, batch: BatchDescriptor) -> None:
         if not any(slot >= 0 and self.keys[slot] is not None for slot in batch.segments.slots):
             return
         row_slots = batch.segments.token_slots.tolist()
         prefill_slots = [self._own(row_slots[start]) for start, _ in batch.prefill_ranges]
-        decode_slots = tuple(self._own(row_slots[row]) for row in batch.decode_rows.tolist())
-        batch.joined_kv = PrefixJoin(self, prefill_slots, self._decode_kv(decode_slots))
+        # With a KV cache bound, decode rows reach their prefix through their block tables (the runner
+        # puts the slot's prefix blocks first); the padded copy below is the path without one.
+        decode = None
+        if self.kv_cache is None:
+            decode = self._decode_kv(tuple(self._own(row_slots[row]) for row in batch.decode_rows.tolist()))
+        batch.joined_kv = PrefixJoin(self, prefill_slots, decode)
 
     def _own(self, slot: int) -> int:
         return slot if slot >= 0 and self.keys[slot] is not None else -1

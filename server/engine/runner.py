@@ -46,6 +46,7 @@ class ModelRunner:
         decode_rows: list[int] = []
         tables: list[list[int]] = []
         lengths: list[int] = []
+        prefix_lengths: list[int] = []   # [num_decode] tokens of joined prefix blocks in front of each row
         for seq in seqs:
             start, total = len(ids), len(seq)
             offset = self.deltas.position_offset(seq.adapter_slot) if self.deltas is not None else 0
@@ -56,7 +57,9 @@ class ModelRunner:
                 new_ids = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]]
                 first = total - 1
                 decode_rows.append(start)
-                tables.append(seq.block_table)
+                prefix = self.deltas.kv_prefix(seq.adapter_slot) if self.deltas is not None else None
+                tables.append(prefix[0] + seq.block_table if prefix else seq.block_table)
+                prefix_lengths.append(prefix[1] if prefix else 0)
                 lengths.append(total)
             ids.extend(new_ids)
             pos = range(first, total)
@@ -73,7 +76,7 @@ class ModelRunner:
             prefill_ranges=prefill_ranges,
             decode_rows=self._tensor(decode_rows),
             decode_block_tables=self._block_tables(tables),
-            decode_mask=self._decode_mask(tables, lengths),
+            decode_mask=self._decode_mask(tables, lengths, prefix_lengths),
             block_size=bs,
             segments=self._segments(seqs, token_slots),
             decode_is_all=not prefill_ranges,
@@ -87,10 +90,14 @@ class ModelRunner:
         width = max((len(t) for t in tables), default=0)
         return self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
 
-    def _decode_mask(self, tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
-        width = max((len(t) for t in tables), default=0) * self.block_size
+    def _decode_mask(self, tables: list[list[int]], lengths: list[int], prefix_lengths: list[int]) -> torch.Tensor:
+        bs = self.block_size
+        width = max((len(t) for t in tables), default=0) * bs
         cols = torch.arange(width, device=self.device).unsqueeze(0)          # [1, L]
-        mask = cols < self._tensor(lengths).unsqueeze(1)                     # [B, L]
+        prefix = self._tensor(prefix_lengths).unsqueeze(1)                   # [B, 1]
+        # A row's own tokens start after its prefix blocks (whose last block may be part empty).
+        own = self._tensor([-(-p // bs) * bs for p in prefix_lengths]).unsqueeze(1)
+        mask = (cols < prefix) | ((cols >= own) & (cols < own + self._tensor(lengths).unsqueeze(1)))
         return mask.view(len(lengths), 1, 1, width)
 
     def _segments(self, seqs: list[Sequence], token_slots: list[int]) -> AdapterSegments:

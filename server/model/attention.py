@@ -28,19 +28,37 @@ class PagedKVCache:
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device, max_batch: int, max_len: int) -> None:
-        self.num_blocks = num_blocks
+                 head_dim: int, dtype: torch.dtype, device: torch.device, max_batch: int, max_len: int,
+                 prefix_slots: int = 0, prefix_tokens: int = 0) -> None:
+        self.num_blocks = num_blocks            # the pool sequences draw from
         self.block_size = block_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        # After the pool, a fixed region per adapter slot holds that adapter's prefix keys/values once,
+        # shared by all its requests: decode reaches them through its block table like its own tokens.
+        self.prefix_blocks_per_slot = -(-prefix_tokens // block_size) if prefix_slots else 0
+        total = num_blocks + prefix_slots * self.prefix_blocks_per_slot
         # Zeroed, so every page is resident from the start: no page faults on the hot path.
-        self.storage = torch.zeros(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim,
+        self.storage = torch.zeros(num_layers, 2, total * block_size, num_kv_heads, head_dim,
                                    dtype=dtype, device=device)
         # Decode gathers each sequence's blocks here instead of into fresh allocations every layer.
-        max_blocks = -(-max_len // block_size)
+        max_blocks = -(-max_len // block_size) + self.prefix_blocks_per_slot
         shape = (max_batch * max_blocks, block_size * num_kv_heads * head_dim)
         self.gather_k = torch.empty(shape, dtype=dtype, device=device)
         self.gather_v = torch.empty(shape, dtype=dtype, device=device)
+
+    def prefix_blocks(self, slot: int, num_tokens: int) -> list[int]:
+        """The block ids that hold slot `slot`'s prefix of `num_tokens` tokens."""
+        first = self.num_blocks + slot * self.prefix_blocks_per_slot
+        return list(range(first, first + -(-num_tokens // self.block_size)))
+
+    def write_prefix(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values [layers, P, kv_heads, head_dim] into the slot's prefix region (never rotated)."""
+        if keys.shape[1] > self.prefix_blocks_per_slot * self.block_size:
+            raise ValueError(f"a prefix of {keys.shape[1]} tokens does not fit the reserved region")
+        start = (self.num_blocks + slot * self.prefix_blocks_per_slot) * self.block_size
+        self.storage[:, 0, start:start + keys.shape[1]] = keys
+        self.storage[:, 1, start:start + values.shape[1]] = values
 
     def layer(self, index: int) -> KVLayer:
         return KVLayer(self.storage[index, 0], self.storage[index, 1], self.gather_k, self.gather_v)
