@@ -22,6 +22,7 @@ class DeltaLimits:
     num_slots: int
     max_lora_rank: int
     max_prefix_tokens: int = 64
+    max_bottleneck_rank: int = 256
 
 
 class DeltaMethod(ABC):

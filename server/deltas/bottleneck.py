@@ -3,6 +3,10 @@
 Unified view: functional form act(x W_down) W_up; insertion parallel (input = the sub-block's input)
 or sequential (input = its output); composition h <- h + s * delta on the residual stream after the
 sub-block. The multi-head parallel adapter is the parallel form at the attention sub-block.
+
+Weights live in preallocated per-(layer, sub-block) stacks with one slot per resident adapter plus an
+all-zero slot; ranks are zero-padded to --max-bottleneck-rank (exact for any activation: the padded
+rows of the up projection are zero) and the scale is folded into the up projection and its bias.
 """
 
 from __future__ import annotations
@@ -12,25 +16,118 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters_store.types import ACTIVATIONS, BOTTLENECK_INPUTS, BottleneckModule, BottleneckParts
+from adapters_store.types import ACTIVATIONS, BOTTLENECK_INPUTS, BottleneckModule, BottleneckParts, activate
 from server.deltas.base import DeltaLimits, DeltaMethod, DeltaRejected, adapter_segments, register_method
+from server.deltas.bottleneck_reference import apply_bottleneck_reference
 from server.model.batch import BatchDescriptor
 from server.model.llama import SUB_BLOCKS, CausalLM
+
+# Segments of at most this many rows (decode) are applied together, each padded to the longest of them:
+# a few batched products per site instead of a handful of small ones per segment. Longer ones (prefill)
+# are applied one by one.
+GROUP_MAX_ROWS = 16
+# Padding may at most double the grouped rows; the longest segments leave the group until it holds.
+GROUP_MAX_PADDING = 2
+
+Segment = tuple[int, int, int]  # (first row, end row, slot)
 
 
 @dataclass
 class BottleneckStep:
-    """Per-step metadata: the adapter segments that hold bottleneck modules."""
+    """Per-step bottleneck metadata, shared by every site; rebuilt only when the batch layout changes."""
 
-    segments: list[tuple[int, int, int]]  # (first row, end row, slot)
+    groups: list[Segment]   # [G] segments applied together, each padded to `rows` rows
+    loop: list[Segment]     # segments applied one by one
+    plan_id: int            # names this layout and placement: sites regather their weights when it changes
+    rows: int = 0           # M: padded rows per group
+    group_slots: torch.Tensor | None = None  # [G] slot of each group
+    span: tuple[int, int] = (0, 0)  # groups back to back, M rows each, in rows span[0]:span[1] (no padding)
+    pad_index: torch.Tensor | None = None   # [G * M] row read by each padded position (otherwise)
+    valid: torch.Tensor | None = None       # [n] padded positions that are real rows
+    targets: torch.Tensor | None = None     # [n] their rows
+    # Same layout and placements as the previous step: every site's gathered weights are still right.
+    reuse_gathered: bool = False
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, d] -> [G, M, d], the grouped segments' rows padded (a view when there is no padding)."""
+        if self.pad_index is None:
+            return x[self.span[0]:self.span[1]].view(len(self.groups), self.rows, x.shape[1])
+        return x.index_select(0, self.pad_index).view(len(self.groups), self.rows, x.shape[1])
+
+    def add_to(self, block_out: torch.Tensor, delta: torch.Tensor) -> None:
+        """block_out [N, d] += delta [G, M, d] at the grouped rows; padding is dropped."""
+        if self.pad_index is None:
+            block_out[self.span[0]:self.span[1]].view_as(delta).add_(delta)
+        else:
+            block_out.index_add_(0, self.targets, delta.view(-1, delta.shape[2]).index_select(0, self.valid))
+
+
+@dataclass
+class GroupedWeights:
+    """One site's weights for a step's groups, gathered once per plan."""
+
+    down_t: torch.Tensor      # [G, d, r]
+    down_bias: torch.Tensor   # [G, 1, r]
+    up_t: torch.Tensor        # [G, r, d], scale folded in
+    up_bias: torch.Tensor     # [G, 1, d], scale folded in
+    # (name, [G, 1, 1] mask of the groups using it); the first applies wherever no later mask does.
+    inputs: list[tuple[str, torch.Tensor | None]]
+    activations: list[tuple[str, torch.Tensor | None]]
 
 
 class BottleneckSite:
-    """The hook at one layer's sub-block: applies each segment's modules to its rows, in order."""
+    """Stacked bottleneck weights of every slot at one layer's sub-block, and the hook that applies them.
 
-    def __init__(self, method: BottleneckMethod, key: tuple[int, str]) -> None:
-        self.method = method
-        self.key = key
+    A slot whose adapter has several modules here (rare) keeps them as modules and is applied by the
+    reference loop, so that their order holds.
+    """
+
+    def __init__(self, limits: DeltaLimits, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+        slots, rank = limits.num_slots + 1, limits.max_bottleneck_rank
+        self.zero_slot = limits.num_slots
+        # torch.empty: on CPU only the regions a placement writes become resident.
+        self.down = torch.empty(slots, rank, hidden, dtype=dtype, device=device)
+        self.down_bias = torch.empty(slots, rank, dtype=dtype, device=device)
+        self.up_t = torch.empty(slots, rank, hidden, dtype=dtype, device=device)
+        self.up_bias = torch.empty(slots, hidden, dtype=dtype, device=device)
+        for stack in (self.down, self.down_bias, self.up_t, self.up_bias):
+            stack[self.zero_slot].zero_()
+        self.ranks = [0] * slots  # 0: no single module here
+        self.inputs = [BOTTLENECK_INPUTS[0]] * slots
+        self.activations = [ACTIVATIONS[0]] * slots
+        self.multi: dict[int, list[BottleneckModule]] = {}
+        # slot -> itself where it holds one module here, else the zero slot; input kind of each slot
+        self.slot_map = torch.full((slots,), self.zero_slot, dtype=torch.long, device=device)
+        self.input_codes = torch.zeros(slots, dtype=torch.long, device=device)
+        self.activation_codes = torch.zeros(slots, dtype=torch.long, device=device)
+        self.gathered: GroupedWeights | None = None
+        self.gathered_plan = -1
+
+    def write(self, slot: int, m: BottleneckModule) -> None:
+        r = m.rank
+        self.down[slot, :r].copy_(m.down)
+        self.down[slot, r:].zero_()
+        self.down_bias[slot].zero_()
+        if m.down_bias is not None:
+            self.down_bias[slot, :r].copy_(m.down_bias)
+        self.up_t[slot, :r].copy_((m.up.float() * m.scale).t())
+        self.up_t[slot, r:].zero_()
+        self.up_bias[slot].zero_()
+        if m.up_bias is not None:
+            self.up_bias[slot].copy_(m.up_bias.float() * m.scale)
+        self.ranks[slot], self.inputs[slot], self.activations[slot] = r, m.input, m.activation
+        self.slot_map[slot] = slot
+        self.input_codes[slot] = BOTTLENECK_INPUTS.index(m.input)
+        self.activation_codes[slot] = ACTIVATIONS.index(m.activation)
+
+    def hold(self, slot: int, modules: list[BottleneckModule]) -> None:
+        self.erase(slot)
+        self.multi[slot] = modules
+
+    def erase(self, slot: int) -> None:
+        self.ranks[slot] = 0
+        self.multi.pop(slot, None)
+        self.slot_map[slot] = self.zero_slot
 
     def __call__(self, sub_in: torch.Tensor, sub_out: torch.Tensor, block_out: torch.Tensor,
                  batch: BatchDescriptor) -> None:
@@ -38,14 +135,79 @@ class BottleneckSite:
         if step is None:
             return
         inputs = {"sublayer_input": sub_in, "sublayer_output": sub_out, "block_output": block_out}
-        for start, end, slot in step.segments:
-            for module in self.method.slot_modules[slot].get(self.key, ()):
-                block_out[start:end] += module.delta(inputs[module.input][start:end])
+        if step.groups:
+            self._apply_groups(step, inputs, block_out)
+        for start, end, slot in step.loop:
+            self._apply_segment(start, end, slot, inputs, block_out)
+
+    def _apply_groups(self, step: BottleneckStep, inputs: dict[str, torch.Tensor], block_out: torch.Tensor) -> None:
+        if self.gathered_plan != step.plan_id:
+            self.gathered, self.gathered_plan = self._gather(step), step.plan_id
+        w = self.gathered
+        if w is not None:
+            x = step.pad(inputs[w.inputs[0][0]])                     # [G, M, d]
+            for name, mask in w.inputs[1:]:
+                x = torch.where(mask, step.pad(inputs[name]), x)
+            hid = torch.baddbmm(w.down_bias, x, w.down_t)            # [G, M, r]
+            act = activate(w.activations[0][0], hid)
+            for name, mask in w.activations[1:]:
+                act = torch.where(mask, activate(name, hid), act)
+            step.add_to(block_out, torch.baddbmm(w.up_bias, act, w.up_t))  # [G, M, d]
+        if self.multi:
+            sub_in, sub_out = inputs["sublayer_input"], inputs["sublayer_output"]
+            apply_bottleneck_reference(sub_in, sub_out, block_out,
+                                       [(b, e, self.multi[s]) for b, e, s in step.groups if s in self.multi])
+
+    def _gather(self, step: BottleneckStep) -> GroupedWeights | None:
+        """This site's weights for the step's groups; None when no group's adapter has one module here."""
+        here = [slot for _, _, slot in step.groups if self.ranks[slot]]
+        if not here:
+            return None
+        r = max(self.ranks[slot] for slot in here)
+        idx = self.slot_map[step.group_slots]                        # [G]
+        input_codes = self.input_codes[idx].view(-1, 1, 1)
+        activation_codes = self.activation_codes[idx].view(-1, 1, 1)
+        inputs = list(dict.fromkeys(self.inputs[slot] for slot in here))
+        activations = list(dict.fromkeys(self.activations[slot] for slot in here))
+        return GroupedWeights(
+            down_t=self.down[idx, :r].transpose(1, 2), down_bias=self.down_bias[idx, :r].unsqueeze(1),
+            up_t=self.up_t[idx, :r], up_bias=self.up_bias[idx].unsqueeze(1),
+            inputs=[(name, None if i == 0 else input_codes == BOTTLENECK_INPUTS.index(name))
+                    for i, name in enumerate(inputs)],
+            activations=[(name, None if i == 0 else activation_codes == ACTIVATIONS.index(name))
+                         for i, name in enumerate(activations)])
+
+    def _apply_segment(self, start: int, end: int, slot: int, inputs: dict[str, torch.Tensor],
+                       block_out: torch.Tensor) -> None:
+        if slot in self.multi:
+            apply_bottleneck_reference(inputs["sublayer_input"], inputs["sublayer_output"], block_out,
+                                       [(start, end, self.multi[slot])])
+            return
+        r = self.ranks[slot]
+        if not r:
+            return
+        x = inputs[self.inputs[slot]][start:end]
+        hid = torch.addmm(self.down_bias[slot, :r], x, self.down[slot, :r].t())      # [n, r]
+        act = activate(self.activations[slot], hid)
+        block_out[start:end] += torch.addmm(self.up_bias[slot], act, self.up_t[slot, :r])
+
+
+def split_segments(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
+    """(groups, loop): short segments go together while padding them to the longest stays cheap."""
+    short = sorted((s for s in segments if s[1] - s[0] <= GROUP_MAX_ROWS), key=lambda s: s[1] - s[0])
+    rows = sum(end - start for start, end, _ in short)
+    while len(short) > 1 and len(short) * (short[-1][1] - short[-1][0]) > GROUP_MAX_PADDING * rows:
+        start, end, _ = short.pop()
+        rows -= end - start
+    if len(short) < 2:
+        return [], segments
+    grouped = set(short)
+    return sorted(short), [s for s in segments if s not in grouped]
 
 
 @register_method
 class BottleneckMethod(DeltaMethod):
-    """Per-request bottleneck adapters; each slot holds its adapter's modules once, on the device."""
+    """Per-request bottleneck adapters over every layer's attention and FFN sub-blocks."""
 
     name = "bottleneck"
 
@@ -53,10 +215,13 @@ class BottleneckMethod(DeltaMethod):
         super().__init__(model, limits)
         self.layers = model.model.layers
         self.hidden = model.shape.hidden_size
-        self.slot_modules: list[dict[tuple[int, str], list[BottleneckModule]]] = [{} for _ in range(limits.num_slots)]
+        self.slot_has = [False] * limits.num_slots
         self.sites: dict[tuple[int, str], BottleneckSite] = {}
         param = model.lm_head.weight
         self.dtype, self.device = param.dtype, param.device
+        self.version = 0          # bumped by every place/clear: invalidates gathered weights
+        self._last: tuple[tuple, BottleneckStep] | None = None
+        self._plans = 0
 
     def check(self, part: BottleneckParts) -> None:
         for m in part.modules:
@@ -67,26 +232,70 @@ class BottleneckMethod(DeltaMethod):
                 raise DeltaRejected(f"{where}: unknown input {m.input!r} or activation {m.activation!r}")
             if m.down.shape[1] != self.hidden or m.up.shape[0] != self.hidden:
                 raise DeltaRejected(f"{where}: acts on width {m.down.shape[1]}, the model's is {self.hidden}")
+            if m.rank > self.limits.max_bottleneck_rank:
+                raise DeltaRejected(f"{where}: rank {m.rank} exceeds the bottleneck rank limit "
+                                    f"{self.limits.max_bottleneck_rank}")
 
     def place(self, slot: int, part: BottleneckParts) -> None:
-        placed: dict[tuple[int, str], list[BottleneckModule]] = {}
+        self.clear(slot)
+        by_site: dict[tuple[int, str], list[BottleneckModule]] = {}
         for m in part.modules:
-            key = (m.layer, m.site)
-            placed.setdefault(key, []).append(dataclasses.replace(
-                m, down=self._device(m.down), down_bias=self._device(m.down_bias), up=self._device(m.up),
-                up_bias=self._device(m.up_bias)))
-            if key not in self.sites:
-                self.sites[key] = BottleneckSite(self, key)
-                self.layers[m.layer].block_hooks[m.site].append(self.sites[key])
-        self.slot_modules[slot] = placed
+            by_site.setdefault((m.layer, m.site), []).append(m)
+        for key, modules in by_site.items():
+            site = self.sites.get(key)
+            if site is None:
+                site = self.sites[key] = BottleneckSite(self.limits, self.hidden, self.dtype, self.device)
+                self.layers[key[0]].block_hooks[key[1]].append(site)
+            if len(modules) == 1:
+                site.write(slot, modules[0])
+            else:
+                site.hold(slot, [self._on_device(m) for m in modules])
+        self.slot_has[slot] = bool(by_site)
 
-    def _device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.to(device=self.device, dtype=self.dtype).contiguous()
+    def _on_device(self, m: BottleneckModule) -> BottleneckModule:
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device=self.device, dtype=self.dtype).contiguous()
+
+        return dataclasses.replace(m, down=move(m.down), down_bias=move(m.down_bias), up=move(m.up),
+                                   up_bias=move(m.up_bias))
 
     def clear(self, slot: int) -> None:
-        self.slot_modules[slot] = {}
+        for site in self.sites.values():
+            site.erase(slot)
+        self.slot_has[slot] = False
+        self.version += 1
 
     def prepare(self, batch: BatchDescriptor) -> None:
-        segments = adapter_segments(batch, [bool(m) for m in self.slot_modules])
-        if segments:
-            batch.method_state[self.name] = BottleneckStep(segments)
+        segments = [s for s in adapter_segments(batch, self.slot_has) if s[1] > s[0]]
+        if not segments:
+            return
+        seg = batch.segments
+        key = (tuple(seg.bounds), tuple(seg.slots), self.version)
+        if self._last is not None and self._last[0] == key:
+            batch.method_state[self.name] = dataclasses.replace(self._last[1], reuse_gathered=True)
+            return
+        step = self._plan(segments)
+        self._last = (key, step)
+        batch.method_state[self.name] = step
+
+    def _plan(self, segments: list[Segment]) -> BottleneckStep:
+        """The step's grouping and the row indices that pad and unpad its groups."""
+        self._plans += 1
+        groups, loop = split_segments(segments)
+        step = BottleneckStep(groups=groups, loop=loop, plan_id=self._plans)
+        if not groups:
+            return step
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        m = step.rows = max(end - start for start, end, _ in groups)
+        step.group_slots = tensor([slot for _, _, slot in groups])
+        first = groups[0][0]
+        if all(start == first + i * m and end - start == m for i, (start, end, _) in enumerate(groups)):
+            step.span = (first, first + m * len(groups))
+            return step
+        step.pad_index = tensor([start + min(j, end - start - 1) for start, end, _ in groups for j in range(m)])
+        step.valid = tensor([g * m + j for g, (start, end, _) in enumerate(groups) for j in range(end - start)])
+        step.targets = tensor([row for start, end, _ in groups for row in range(start, end)])
+        return step
