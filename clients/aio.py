@@ -8,8 +8,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.adapters import adapter_info_to_dict, admin_metadata
 from clients.client import DEFAULT_TARGET, Metadata, health_status_name, model_info_to_dict
 from clients.messages import GenerationResult, StreamEvent, build_request, event_from_pb, result_from_pb
+from deltaserve.v1 import adapters_pb2 as apb
+from deltaserve.v1 import adapters_pb2_grpc as apb_grpc
 from deltaserve.v1 import generation_pb2 as pb
 from deltaserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -59,16 +62,19 @@ class AsyncDeltaClient:
     and use it as an async context manager to close the channel.
 
     `timeout` (seconds) is the deadline of every call (for a stream, of the whole stream); `metadata`
-    (key, value) pairs are sent with every call.
+    (key, value) pairs are sent with every call; `admin_token` is sent with the adapter admin calls.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, metadata: Metadata = ()) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, metadata: Metadata = (),
+                 admin_token: str | None = None) -> None:
         self.target = target
         self.timeout = timeout
         self.metadata = tuple(metadata)
+        self._admin_metadata = self.metadata + admin_metadata(admin_token)
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._adapters = apb_grpc.AdaptersStub(self._channel)
 
     async def generate(
         self,
@@ -133,6 +139,28 @@ class AsyncDeltaClient:
         request = health_pb2.HealthCheckRequest(service=service)
         response = await self._health.Check(request, timeout=self.timeout, metadata=self.metadata)
         return health_status_name(response)
+
+    # --- the Adapters admin service (see DeltaClient) ---
+
+    async def load_adapter(self, name: str, path: str, *, pinned: bool = False) -> dict[str, Any]:
+        request = apb.LoadAdapterRequest(name=name, path=path, pinned=pinned)
+        response = await self._adapters.LoadAdapter(request, timeout=self.timeout, metadata=self._admin_metadata)
+        return adapter_info_to_dict(response.adapter)
+
+    async def unload_adapter(self, name: str) -> dict[str, Any]:
+        request = apb.UnloadAdapterRequest(name=name)
+        response = await self._adapters.UnloadAdapter(request, timeout=self.timeout, metadata=self._admin_metadata)
+        return adapter_info_to_dict(response.adapter)
+
+    async def list_adapters(self) -> list[dict[str, Any]]:
+        response = await self._adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=self.timeout,
+                                                     metadata=self._admin_metadata)
+        return [adapter_info_to_dict(info) for info in response.adapters]
+
+    async def get_adapter(self, name: str) -> dict[str, Any]:
+        response = await self._adapters.GetAdapter(apb.GetAdapterRequest(name=name), timeout=self.timeout,
+                                                   metadata=self._admin_metadata)
+        return adapter_info_to_dict(response.adapter)
 
     async def close(self) -> None:
         await self._channel.close()

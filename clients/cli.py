@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from clients.adapters import add_adapters
 from clients.client import DEFAULT_TARGET, DeltaClient
 from clients.messages import GenerationResult, TokenChunk
 
@@ -182,7 +183,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 # --- entry point ------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Registrar] = [add_generate, add_health, add_info]
+SUBCOMMANDS: list[Registrar] = [add_generate, add_health, add_info, add_adapters]
 
 
 def build_parser() -> argparse.ArgumentParser:

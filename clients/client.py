@@ -9,7 +9,10 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.adapters import adapter_info_to_dict, admin_metadata
 from clients.messages import GenerationResult, StreamEvent, build_request, event_from_pb, result_from_pb
+from deltaserve.v1 import adapters_pb2 as apb
+from deltaserve.v1 import adapters_pb2_grpc as apb_grpc
 from deltaserve.v1 import generation_pb2 as pb
 from deltaserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -70,16 +73,19 @@ class DeltaClient:
     """Blocking deltaserve client over one gRPC channel; use it as a context manager to close the channel.
 
     `timeout` (seconds) is the deadline of every call (for a stream, of the whole stream); `metadata`
-    (key, value) pairs are sent with every call.
+    (key, value) pairs are sent with every call; `admin_token` is sent with the adapter admin calls.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, metadata: Metadata = ()) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, metadata: Metadata = (),
+                 admin_token: str | None = None) -> None:
         self.target = target
         self.timeout = timeout
         self.metadata = tuple(metadata)
+        self._admin_metadata = self.metadata + admin_metadata(admin_token)
         self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._adapters = apb_grpc.AdaptersStub(self._channel)
 
     def generate(
         self,
@@ -142,6 +148,30 @@ class DeltaClient:
         """The standard gRPC health status name of `service` ("" is the whole server), e.g. "SERVING"."""
         request = health_pb2.HealthCheckRequest(service=service)
         return health_status_name(self._health.Check(request, timeout=self.timeout, metadata=self.metadata))
+
+    # --- the Adapters admin service: each returns the adapter(s) as JSON-ready dicts ---
+
+    def load_adapter(self, name: str, path: str, *, pinned: bool = False) -> dict[str, Any]:
+        """Loads (or reloads, as a new version) the adapter directory `path` on the server as `name`."""
+        request = apb.LoadAdapterRequest(name=name, path=path, pinned=pinned)
+        response = self._adapters.LoadAdapter(request, timeout=self.timeout, metadata=self._admin_metadata)
+        return adapter_info_to_dict(response.adapter)
+
+    def unload_adapter(self, name: str) -> dict[str, Any]:
+        """Stops serving `name`; its state says "unloading" while in-flight requests still run on it."""
+        request = apb.UnloadAdapterRequest(name=name)
+        response = self._adapters.UnloadAdapter(request, timeout=self.timeout, metadata=self._admin_metadata)
+        return adapter_info_to_dict(response.adapter)
+
+    def list_adapters(self) -> list[dict[str, Any]]:
+        response = self._adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=self.timeout,
+                                               metadata=self._admin_metadata)
+        return [adapter_info_to_dict(info) for info in response.adapters]
+
+    def get_adapter(self, name: str) -> dict[str, Any]:
+        response = self._adapters.GetAdapter(apb.GetAdapterRequest(name=name), timeout=self.timeout,
+                                             metadata=self._admin_metadata)
+        return adapter_info_to_dict(response.adapter)
 
     def close(self) -> None:
         self._channel.close()

@@ -26,6 +26,7 @@ class GenerationResult:
     logprobs: list[float] = field(default_factory=list)
     stop_sequence: str = ""
     adapter_id: str = ""
+    adapter_version: int = 0   # the adapter version it ran on (0: none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +69,7 @@ def result_from_pb(response: pb.GenerateResponse) -> GenerationResult:
         logprobs=list(response.logprobs),
         stop_sequence=response.stop_sequence,
         adapter_id=response.adapter_id,
+        adapter_version=response.adapter_version,
     )
 
 

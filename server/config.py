@@ -31,8 +31,22 @@ class ServerConfig:
         "auto = bfloat16 on cuda, float32 on cpu", choices=("auto", "float32", "bfloat16", "float16")))
     host: str = field(default="0.0.0.0", metadata=_opt("address to listen on"))
     port: int = field(default=50051, metadata=_opt("gRPC port (0 picks a free one)"))
-    adapters_dir: str = field(default="", metadata=_opt("every subdirectory is registered as an adapter"))
+    adapters_dir: str = field(default="", metadata=_opt(
+        "every subdirectory is an adapter named after it; watched: new, changed and removed ones are picked up"))
+    adapters_poll_interval: float = field(default=0.5, metadata=_opt(
+        "seconds between two looks at --adapters-dir (a new adapter is served within about 2 intervals; 0 = "
+        "no watching)"))
+    adapters_load_root: str = field(default="", metadata=_opt(
+        "the admin LoadAdapter RPC accepts directories under this one or under --adapters-dir, nothing else"))
+    admin_token: str = field(default="", repr=False, metadata=_opt(
+        "when set, the Adapters admin RPCs need the metadata 'authorization: Bearer <token>'"))
     max_adapter_slots: int = field(default=64, metadata=_opt("adapters resident at once in preallocated slots"))
+    max_device_adapters: int = field(default=0, metadata=_opt(
+        "adapters on the device at once: the number of preallocated slots (0 = --max-adapter-slots)"))
+    max_host_adapters: int = field(default=256, metadata=_opt(
+        "validated adapters kept in host memory, least recently used dropped first (then re-read from disk)"))
+    max_host_adapter_mib: int = field(default=0, metadata=_opt(
+        "host memory for adapters in MiB, least recently used dropped first (0 = only --max-host-adapters)"))
     max_lora_rank: int = field(default=64, metadata=_opt("largest LoRA rank a slot holds"))
     max_prefix_tokens: int = field(default=64, metadata=_opt("longest prefix (virtual tokens) a slot holds"))
     max_batch_size: int = field(default=64, metadata=_opt("most sequences in one engine step"))
@@ -74,6 +88,9 @@ class ServerConfig:
             raise ValueError(f"metrics_top_adapters must not be negative, got {self.metrics_top_adapters}")
         if self.grace_period < 0 or self.threads < 0:
             raise ValueError("grace_period and threads must not be negative")
+        for name in ("max_device_adapters", "max_host_adapters", "max_host_adapter_mib", "adapters_poll_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_prefix_tokens > MAX_PREFIX_TOKENS:
             raise ValueError(f"max_prefix_tokens must be at most {MAX_PREFIX_TOKENS}")
         if self.kv_cache_tokens < self.block_size:
@@ -82,6 +99,11 @@ class ServerConfig:
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+
+    @property
+    def device_adapters(self) -> int:
+        """The device budget: how many adapter slots are preallocated."""
+        return self.max_device_adapters or self.max_adapter_slots
 
 
 def _field(name: str) -> dataclasses.Field:

@@ -1,87 +1,221 @@
-"""Resident adapters: which adapter holds which preallocated slot, with reference counts and LRU."""
+"""The device tier: which adapter version holds which preallocated slot, with reference counts and LRU.
+
+A request reserves its adapter's name when it is submitted (`acquire`: NOT_FOUND if the name is not served)
+and is bound to the name's current version and a slot when the scheduler admits it (`bind`), on the engine
+thread, between two steps. Slots are keyed by (name, version): after a reload, requests already running keep
+the old version's slot to their last token while new ones get the new version. A slot in use is never
+evicted; idle slots are reused least recently used first, pinned versions' never. Placing weights into a slot
+is a copy on the engine thread (delta methods are not safe to change during a forward); while other requests are
+decoding, a step spends at most `place_seconds_per_step` on it (at least one placement), so a burst of first
+requests cannot stall running streams.
+"""
 
 from __future__ import annotations
 
+import enum
 import threading
+import time
 from collections import OrderedDict
-from typing import Protocol
+from dataclasses import dataclass
 
 from adapters_store.errors import AdapterNotFound
-from adapters_store.types import AdapterWeights
+from adapters_store.registry import AdapterRegistry
+from adapters_store.versions import AdapterEntry, AdapterVersion
 from server.deltas.deltaset import DeltaSet
 from server.engine.errors import Overloaded, UnknownAdapter
 
+# Time one engine step may spend copying weights into slots while requests are decoding (at least one placement
+# per step). An r=8 q/v adapter on the default model takes about 2 ms (7 ms the first time a slot is written).
+PLACE_SECONDS_PER_STEP = 0.005
 
-class AdapterSource(Protocol):
-    """Where adapters come from (the adapter store)."""
 
-    def get(self, name: str) -> AdapterWeights: ...
+class Binding(enum.Enum):
+    """What `bind` could do for a request now."""
+
+    BOUND = "bound"            # it holds a slot with its version's weights
+    NEEDS_FETCH = "fetch"      # its weights are being read back from disk
+    NEEDS_SLOT = "slot"        # every slot is held by running requests (or pinned)
+    STEP_BUDGET = "budget"     # this step has spent its time on placements already
+
+
+@dataclass(eq=False)
+class AdapterLease:
+    """One request's hold on an adapter: the name from submission; the version and slot from admission."""
+
+    entry: AdapterEntry
+    version: AdapterVersion | None = None
+    slot: int = -1
+    waited_steps: int = 0   # steps it was passed over for want of its adapter (the scheduler's ageing)
+
+    @property
+    def version_number(self) -> int:
+        return self.version.version if self.version is not None else 0
 
 
 class AdapterSlots:
-    """Maps adapter names to device slots for the engine (`acquire` / `release`).
+    """Maps adapter versions to device slots for the engine (the `AdapterResolver`) and the scheduler."""
 
-    A slot in use by any request is never evicted; idle slots are reused least recently used
-    first. `can_place()` says whether `place()` would find a slot.
-    """
-
-    def __init__(self, source: AdapterSource, deltas: DeltaSet) -> None:
-        self.source = source
+    def __init__(self, registry: AdapterRegistry, deltas: DeltaSet,
+                 place_seconds_per_step: float = PLACE_SECONDS_PER_STEP) -> None:
+        self.registry = registry
         self.deltas = deltas
         self.num_slots = deltas.limits.num_slots
+        self.place_seconds_per_step = place_seconds_per_step
         self._lock = threading.Lock()
-        self._slot_of: dict[str, int] = {}
-        self._adapter: list[AdapterWeights | None] = [None] * self.num_slots
+        self._slot_of: dict[tuple[str, int], int] = {}
+        self._version: list[AdapterVersion | None] = [None] * self.num_slots
+        self._methods: list[tuple[str, ...]] = [()] * self.num_slots
         self._refs = [0] * self.num_slots
         self._idle: OrderedDict[int, None] = OrderedDict()   # resident, unreferenced; oldest first
         self._free = list(range(self.num_slots - 1, -1, -1))
+        self._to_clear: list[int] = []                       # retired while idle: cleared on the engine thread
+        self._placing: float | None = 0.0   # seconds spent placing this step; None: no limit this step
+        self._direct: dict[int, list[AdapterLease]] = {}   # leases handed out by `acquire`, by slot
+        registry.on_retire(self._retired)
 
-    def acquire(self, adapter_id: str) -> int:
-        with self._lock:
-            slot = self._slot_of.get(adapter_id)
-            if slot is None:
-                try:
-                    adapter = self.source.get(adapter_id)
-                except AdapterNotFound as error:
-                    raise UnknownAdapter(str(error)) from error
-                if not self.can_place():
-                    raise Overloaded(f"all {self.num_slots} adapter slots are held by running requests; "
-                                     f"retry later or raise --max-adapter-slots")
-                slot = self.place(adapter)
-            self._refs[slot] += 1
-            self._idle.pop(slot, None)
-            return slot
+    # ---- any thread ------------------------------------------------------------------------------------
 
-    def release(self, slot: int) -> None:
-        if slot < 0:
-            return
-        with self._lock:
-            self._refs[slot] -= 1
-            if self._refs[slot] == 0:
-                self._idle[slot] = None
+    def reserve(self, adapter_id: str) -> AdapterLease:
+        """Reserves the adapter for one request; UnknownAdapter if it is not served (or being unloaded)."""
+        try:
+            return AdapterLease(self.registry.reserve(adapter_id))
+        except AdapterNotFound as error:
+            raise UnknownAdapter(str(error)) from error
 
-    def can_place(self) -> bool:
-        return bool(self._free or self._idle)
-
-    def place(self, adapter: AdapterWeights) -> int:
-        """Puts an adapter in a free slot, evicting the least recently used idle one if needed."""
-        if self._free:
-            slot = self._free.pop()
-        else:
-            slot, _ = self._idle.popitem(last=False)
-            self._evict(slot)
-        self.deltas.place(slot, adapter.parts)
-        self._adapter[slot] = adapter
-        self._slot_of[adapter.name] = slot
-        return slot
-
-    def _evict(self, slot: int) -> None:
-        old = self._adapter[slot]
-        if old is not None:
-            self.deltas.clear(slot, old.parts)
-            del self._slot_of[old.name]
-        self._adapter[slot] = None
+    def acquire(self, adapter_id: str, timeout: float = 60.0) -> int:
+        """Reserves and binds the adapter at once and returns its slot, for code that drives the runner itself
+        (tests, benchmarks); give it back with `release(slot)`. Not for use while the engine runs.
+        Raises UnknownAdapter, or Overloaded when every slot is held."""
+        lease = self.reserve(adapter_id)
+        deadline = time.monotonic() + timeout
+        while (outcome := self.bind(lease)) is not Binding.BOUND:
+            self._placing = None
+            if outcome is Binding.NEEDS_SLOT or time.monotonic() > deadline:
+                self.release(lease)
+                raise Overloaded(f"adapter {adapter_id!r} cannot be placed now ({outcome.value})")
+            time.sleep(0.005)
+        self._direct.setdefault(lease.slot, []).append(lease)
+        return lease.slot
 
     def resident(self) -> dict[str, int]:
+        """Name -> slot of every current (not retired) version on the device."""
         with self._lock:
-            return dict(self._slot_of)
+            return {name: slot for (name, _), slot in self._slot_of.items()
+                    if (v := self._version[slot]) is not None and not v.retired}
+
+    def draining(self) -> dict[str, int]:
+        """Name -> how many of its retired versions still hold a slot for running requests."""
+        counts: dict[str, int] = {}
+        with self._lock:
+            for slot, v in enumerate(self._version):
+                if v is not None and v.retired and self._refs[slot] > 0:
+                    counts[v.name] = counts.get(v.name, 0) + 1
+        return counts
+
+    # ---- the engine thread -------------------------------------------------------------------------------
+
+    def start_step(self, decoding: bool = True) -> None:
+        """Clears slots of versions retired while idle, and opens this step's placement budget (no limit when
+        no request is decoding: nothing waits on the step then)."""
+        with self._lock:
+            while self._to_clear:
+                self._clear(self._to_clear.pop())
+        self._placing = 0.0 if decoding else None
+
+    def ready(self, lease: AdapterLease) -> bool:
+        """Whether the request could run now without copying weights (bound, or its version is resident)."""
+        if lease.slot >= 0:
+            return True
+        version = lease.entry.current
+        return version is not None and (lease.entry.name, version.version) in self._slot_of
+
+    def bind(self, lease: AdapterLease) -> Binding:
+        """Binds the request to its name's current version in a slot, placing it there if need be.
+
+        Raises UnknownAdapter if the name has nothing left to serve (its files were refused when read back).
+        """
+        if lease.slot >= 0:
+            return Binding.BOUND
+        entry = lease.entry
+        version = entry.current
+        if version is None:
+            raise UnknownAdapter(f"adapter {entry.name!r} cannot be served: {entry.unavailable()}")
+        with self._lock:
+            slot = self._slot_of.get((entry.name, version.version))
+            if slot is None:
+                outcome, slot = self._place(entry, version)
+                if slot is None:
+                    return outcome
+            self._refs[slot] += 1
+            self._idle.pop(slot, None)
+        lease.version, lease.slot = version, slot
+        return Binding.BOUND
+
+    def release(self, lease: AdapterLease | int) -> None:
+        """The request ended (or was refused after `reserve`): gives back its slot and its reservation.
+        An int is a slot from `acquire` (-1: none)."""
+        if isinstance(lease, int):
+            if lease < 0:
+                return
+            lease = self._direct[lease].pop()
+        slot, lease.slot = lease.slot, -1
+        if slot >= 0:
+            with self._lock:
+                self._refs[slot] -= 1
+                if self._refs[slot] == 0:
+                    version = self._version[slot]
+                    if version is not None and version.retired:
+                        self._clear(slot)
+                    else:
+                        self._idle[slot] = None
+        self.registry.unreserve(lease.entry)
+
+    def _place(self, entry: AdapterEntry, version: AdapterVersion) -> tuple[Binding, int | None]:
+        weights = version.weights
+        if weights is None:
+            self.registry.fetch(entry)
+            return Binding.NEEDS_FETCH, None
+        if self._placing is not None and self._placing >= self.place_seconds_per_step:
+            return Binding.STEP_BUDGET, None
+        slot = self._take_slot()
+        if slot is None:
+            return Binding.NEEDS_SLOT, None
+        start = time.perf_counter()
+        self.deltas.place(slot, weights.parts)   # a copy, between two steps
+        if self._placing is not None:
+            self._placing += time.perf_counter() - start
+        self._version[slot], self._methods[slot] = version, tuple(weights.parts)
+        self._slot_of[(version.name, version.version)] = slot
+        version.device_slot = slot
+        return Binding.BOUND, slot
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for slot in self._idle:
+            version = self._version[slot]
+            if version is None or not version.pinned or version.retired:
+                del self._idle[slot]
+                self._clear(slot, free=False)
+                return slot
+        return None
+
+    def _clear(self, slot: int, free: bool = True) -> None:
+        version = self._version[slot]
+        if version is not None:
+            if self._slot_of.get((version.name, version.version)) == slot:
+                del self._slot_of[(version.name, version.version)]
+            version.device_slot = -1
+            self.deltas.clear(slot, self._methods[slot])
+        self._version[slot], self._methods[slot] = None, ()
+        self._idle.pop(slot, None)
+        if free:
+            self._free.append(slot)
+
+    def _retired(self, version: AdapterVersion) -> None:
+        """Registry callback (any thread): an idle slot of a retired version is cleared at the next step."""
+        with self._lock:
+            slot = self._slot_of.pop((version.name, version.version), None)
+            if slot is not None and self._refs[slot] == 0 and slot in self._idle:
+                del self._idle[slot]
+                self._to_clear.append(slot)

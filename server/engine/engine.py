@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
@@ -33,19 +33,20 @@ log = logging.getLogger("deltaserve.engine")
 
 
 class AdapterResolver(Protocol):
-    """Maps an adapter id to the device slot its deltas live in, for the life of a request."""
+    """Holds a request's adapter for its life: `reserve` at submission returns a lease (the scheduler binds it
+    to a version and device slot at admission), `release` when the request ends."""
 
-    def acquire(self, adapter_id: str) -> int: ...
-    def release(self, slot: int) -> None: ...
+    def reserve(self, adapter_id: str) -> Any: ...
+    def release(self, lease: Any) -> None: ...
 
 
 class NoAdapters:
     """The resolver when no adapter store is configured: only the base model exists."""
 
-    def acquire(self, adapter_id: str) -> int:
+    def reserve(self, adapter_id: str) -> Any:
         raise UnknownAdapter(f"adapter {adapter_id!r} is not registered (no adapters are loaded)")
 
-    def release(self, slot: int) -> None:
+    def release(self, lease: Any) -> None:
         pass
 
 
@@ -110,7 +111,7 @@ class Engine:
                 raise ShuttingDown("the server is shutting down")
             seq = self._make_sequence(request, sink)
             if not self.scheduler.can_add():
-                self.adapters.release(seq.adapter_slot)
+                self._release_adapter(seq)
                 raise Overloaded(f"the waiting queue is full ({self.scheduler.max_waiting} requests)")
         except (InvalidRequest, UnknownAdapter, Overloaded, ShuttingDown) as error:
             self.observer.on_reject(request, error)
@@ -155,11 +156,11 @@ class Engine:
         stopping = StoppingParams(max_new, request.stop_sequences, request.ignore_eos)
         stopping.validate()
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
-        slot = self.adapters.acquire(request.adapter_id) if request.adapter_id else -1
+        lease = self.adapters.reserve(request.adapter_id) if request.adapter_id else None
         seq = Sequence(
             request_id=request.request_id, prompt_ids=prompt_ids, sampling=request.sampling,
-            stopping=stopping, seed=seed, adapter_id=request.adapter_id, adapter_slot=slot,
-            return_logprobs=request.return_logprobs, sink=sink, arrival=time.monotonic())
+            stopping=stopping, seed=seed, adapter_id=request.adapter_id, adapter_slot=-1,
+            return_logprobs=request.return_logprobs, sink=sink, arrival=time.monotonic(), adapter_lease=lease)
         if not request.sampling.greedy:
             seq.generator = make_generator(seed)
         seq.detokenizer = IncrementalDetokenizer(self.encoder, prompt_ids)
@@ -195,6 +196,8 @@ class Engine:
 
     def step(self) -> None:
         step = self.scheduler.schedule()
+        for seq, error in step.failed:
+            self._finish(seq, FinishReason.CANCELLED, RequestOutput(seq.request_id, [], "", [], error=error))
         self.observer.on_schedule(step)
         if step.empty:
             time.sleep(0.001)
@@ -234,14 +237,20 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason, out: RequestOutput) -> None:
         self.scheduler.finish(seq)
         seq.finished = True
-        self.adapters.release(seq.adapter_slot)
+        self._release_adapter(seq)
         self.observer.on_finish(seq, reason)
         out.finished, out.finish_reason = True, reason
         out.result = GenerationResult(
             request_id=seq.request_id, text=seq.stop_checker.text, token_ids=list(seq.output_ids),
             finish_reason=reason, prompt_tokens=len(seq.prompt_ids), seed=seq.seed,
-            logprobs=list(seq.logprobs), stop_sequence=seq.stop_checker.matched, adapter_id=seq.adapter_id)
+            logprobs=list(seq.logprobs), stop_sequence=seq.stop_checker.matched, adapter_id=seq.adapter_id,
+            adapter_version=seq.adapter_version)
         self._emit(seq, out)
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.adapter_lease is not None:
+            lease, seq.adapter_lease = seq.adapter_lease, None
+            self.adapters.release(lease)
 
     def _emit(self, seq: Sequence, out: RequestOutput) -> None:
         try:

@@ -74,6 +74,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     result: GenerationResult | None = None
+    error: Exception | None = None   # the request ended before its first token because it cannot be served
 
 
 @dataclass
@@ -89,6 +90,7 @@ class GenerationResult:
     logprobs: list[float]
     stop_sequence: str
     adapter_id: str
+    adapter_version: int = 0     # the adapter version it ran on (0: none)
 
 
 OutputSink = Callable[[RequestOutput], None]
@@ -118,6 +120,8 @@ class Sequence:
     generator: Any = None        # torch.Generator for sampled requests, seeded with `seed`
     detokenizer: Any = None      # IncrementalDetokenizer
     stop_checker: Any = None     # StopChecker
+    adapter_lease: Any = None    # the adapter resolver's hold on its adapter (None: the base model)
+    adapter_version: int = 0     # set with adapter_slot when it is bound to a version at admission
 
     @property
     def all_ids(self) -> list[int]:

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from server.deltas.slots import Binding
 from server.engine.block_manager import BlockManager
+from server.engine.errors import UnknownAdapter
 from server.engine.request import Sequence
+
+# Steps a request may be passed over for want of its adapter before it goes first and, if it needs a slot that
+# running requests hold, admission of other adapters' requests pauses until one is free (no starvation).
+AGE_LIMIT = 16
+
+
+class AdapterAdmission(Protocol):
+    """The device tier as the scheduler sees it (server.deltas.slots.AdapterSlots)."""
+
+    def start_step(self, decoding: bool) -> None: ...
+    def ready(self, lease: Any) -> bool: ...
+    def bind(self, lease: Any) -> Binding: ...
 
 
 @dataclass
@@ -16,6 +31,7 @@ class ScheduledStep:
     prefills: list[Sequence] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # left the queue: adapter unservable
 
     @property
     def sequences(self) -> list[Sequence]:
@@ -34,8 +50,9 @@ class Scheduler:
     """
 
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_batched_tokens: int,
-                 max_waiting: int) -> None:
+                 max_waiting: int, adapters: AdapterAdmission | None = None) -> None:
         self.blocks = blocks
+        self.adapters = adapters
         self.max_batch_size = max_batch_size
         self.max_batched_tokens = max_batched_tokens
         self.max_waiting = max_waiting
@@ -56,18 +73,59 @@ class Scheduler:
         step = ScheduledStep()
         self._schedule_decodes(step)
         budget = self.max_batched_tokens - len(step.decodes)
-        while self.waiting and len(self.running) < self.max_batch_size:
-            seq = self.waiting[0]
+        if self.adapters is not None:
+            self.adapters.start_step(bool(step.decodes))
+        draining = False  # an aged request waits for a slot: admit only requests that need no new one
+        for seq in self._admission_order():
+            if len(self.running) >= self.max_batch_size:
+                break
             if step.prefills and len(seq) > budget:
                 break
             if not self.blocks.can_allocate(seq):
                 break
+            if draining and seq.adapter_lease is not None and seq.adapter_slot < 0:
+                continue
+            admitted = self._bind_adapter(seq, step)
+            if admitted is None:
+                draining = True
+            if not admitted:
+                continue
             self.blocks.allocate(seq)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
             step.prefills.append(seq)
             budget -= len(seq)
         return step
+
+    def _admission_order(self) -> list[Sequence]:
+        """Waiting requests whose adapter is on the device (or who need none) first, oldest first; requests
+        passed over too long before everything."""
+        if self.adapters is None:
+            return list(self.waiting)
+        ready, later = [], []
+        for seq in self.waiting:
+            lease = seq.adapter_lease
+            (ready if lease is None or self.adapters.ready(lease) else later).append(seq)
+        aged = [seq for seq in later if seq.adapter_lease.waited_steps > AGE_LIMIT]
+        return aged + ready + [seq for seq in later if seq.adapter_lease.waited_steps <= AGE_LIMIT]
+
+    def _bind_adapter(self, seq: Sequence, step: ScheduledStep) -> bool | None:
+        """True: the request holds its adapter's slot. False: not yet (or it failed). None: an aged request
+        needs a slot that running requests hold."""
+        lease = seq.adapter_lease
+        if lease is None or self.adapters is None:
+            return True
+        try:
+            outcome = self.adapters.bind(lease)
+        except UnknownAdapter as error:
+            self.waiting.remove(seq)
+            step.failed.append((seq, error))
+            return False
+        if outcome is Binding.BOUND:
+            seq.adapter_slot, seq.adapter_version = lease.slot, lease.version_number
+            return True
+        lease.waited_steps += 1
+        return None if outcome is Binding.NEEDS_SLOT and lease.waited_steps > AGE_LIMIT else False
 
     def _schedule_decodes(self, step: ScheduledStep) -> None:
         self.running.sort(key=lambda s: s.order)

@@ -58,4 +58,5 @@ def result_to_proto(result: GenerationResult) -> pb.GenerateResponse:
         logprobs=result.logprobs,
         stop_sequence=result.stop_sequence,
         adapter_id=result.adapter_id,
+        adapter_version=result.adapter_version,
     )

@@ -12,15 +12,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from deltaserve.v1 import adapters_pb2, adapters_pb2_grpc
 from deltaserve.v1 import generation_pb2 as pb
 from deltaserve.v1 import generation_pb2_grpc as pb_grpc
+from server.adapters.manager import AdapterManager
 from server.engine.engine import Engine
 from server.model.loader import LoadedModel
+from server.service.adapters import AdaptersService
+from server.service.auth import AdminAuthInterceptor
 from server.service.generation import GenerationService
 
 log = logging.getLogger("deltaserve.service")
 
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+ADAPTERS_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name
 MAX_MESSAGE_BYTES = 64 * 2**20
 
 
@@ -32,6 +37,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     engine: Engine
     port: int
+    services: tuple[str, ...] = (GENERATION_SERVICE,)
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING at once, refuse new calls, let in-flight ones finish within `grace` seconds."""
@@ -65,28 +71,34 @@ def model_info_provider(loaded: LoadedModel, engine: Engine,
 
 
 async def start_server(engine: Engine, model_info: Callable[[], pb.ModelInfoResponse], host: str,
-                       port: int) -> RunningServer:
-    """Starts listening; health stays NOT_SERVING until `mark_serving`."""
+                       port: int, adapters: AdapterManager | None = None, admin_token: str = "") -> RunningServer:
+    """Starts listening; health stays NOT_SERVING until `mark_serving`. With `adapters`, the Adapters admin
+    service is served too, behind `admin_token` when one is given."""
+    interceptors = [AdminAuthInterceptor(admin_token, (ADAPTERS_SERVICE,))] if admin_token else []
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+                             interceptors=interceptors)
     pb_grpc.add_GenerationServicer_to_server(GenerationService(engine, model_info), server)
+    services = [GENERATION_SERVICE]
+    if adapters is not None:
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(adapters), server)
+        services.append(ADAPTERS_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", GENERATION_SERVICE):
+    for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
-        (GENERATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+        (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not listen on {host}:{port}")
     await server.start()
     log.info("listening on %s:%d", host, bound)
-    return RunningServer(server, health_servicer, engine, bound)
+    return RunningServer(server, health_servicer, engine, bound, tuple(services))
 
 
 async def mark_serving(running: RunningServer) -> None:
-    for name in ("", GENERATION_SERVICE):
+    for name in ("", *running.services):
         await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 

@@ -36,4 +36,6 @@ class EngineStream:
         while not self._finished:
             out = await self._queue.get()
             self._finished = out.finished
+            if out.error is not None:  # refused after submission (e.g. its adapter's files became unreadable)
+                raise out.error
             yield out
