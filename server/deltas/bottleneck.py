@@ -5,7 +5,7 @@ or sequential (input = its output); composition h <- h + s * delta on the residu
 sub-block. The multi-head parallel adapter is the parallel form at the attention sub-block.
 
 Weights live in preallocated per-(layer, sub-block) stacks with one slot per resident adapter plus an
-all-zero slot; ranks are zero-padded to --max-bottleneck-rank (exact for any activation: the padded
+all-zero slot; ranks are zero-padded to DeltaLimits.max_bottleneck_rank (exact for any activation: the padded
 rows of the up projection are zero) and the scale is folded into the up projection and its bias.
 """
 
@@ -96,7 +96,8 @@ class BottleneckSite:
         self.inputs = [BOTTLENECK_INPUTS[0]] * slots
         self.activations = [ACTIVATIONS[0]] * slots
         self.multi: dict[int, list[BottleneckModule]] = {}
-        # slot -> itself where it holds one module here, else the zero slot; input kind of each slot
+        # slot -> itself where it holds one module here, else the zero slot; its input and activation as
+        # indices into BOTTLENECK_INPUTS and ACTIVATIONS
         self.slot_map = torch.full((slots,), self.zero_slot, dtype=torch.long, device=device)
         self.input_codes = torch.zeros(slots, dtype=torch.long, device=device)
         self.activation_codes = torch.zeros(slots, dtype=torch.long, device=device)
