@@ -55,7 +55,9 @@ def load_peft(model_dir: Path, root: Path, names: list[str]):
     return model.eval()
 
 
-def measure_shape(loaded, shape_name: str, batch: int, new_tokens: int, repeats: int, peft: bool) -> dict:
+def measure_shape(shape_name: str, batch: int, new_tokens: int, repeats: int, peft: bool) -> dict:
+    # A fresh model per shape: a stack's delta hooks stay on the model it was built on.
+    loaded = load(ServerConfig())
     rank, targets = SHAPES[shape_name]
     root = Path(tempfile.mkdtemp(prefix=f"lora-{shape_name}-"))
     names = [f"{shape_name}-{i}" for i in range(max(DISTINCT))]
@@ -105,8 +107,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--skip-peft", action="store_true")
     args = parser.parse_args()
-    loaded = load(ServerConfig())
-    results = {name: measure_shape(loaded, name, args.batch, args.new_tokens, args.repeats, not args.skip_peft)
+    results = {name: measure_shape(name, args.batch, args.new_tokens, args.repeats, not args.skip_peft)
                for name in args.shapes.split(",")}
     emit(results, args.json, args.out)
     if not args.json:
