@@ -57,7 +57,7 @@ def build_stack(loaded: LoadedModel, config: ServerConfig, store_listener: Store
     log.info("KV cache: %d blocks of %d tokens (%.0f MiB), context %d tokens", num_blocks,
              config.block_size, kv_cache.nbytes / 2**20, max_model_len)
     deltas = DeltaSet(loaded.model, DeltaLimits(config.device_adapters, config.max_lora_rank,
-                                                     config.max_prefix_tokens))
+                                                     config.max_prefix_tokens, config.max_bottleneck_rank))
     deltas.bind_kv_cache(kv_cache)
     adapters = build_adapters(loaded, config, deltas, store_listener)
     slots = adapters.slots

@@ -49,6 +49,7 @@ class ServerConfig:
         "host memory for adapters in MiB, least recently used dropped first (0 = only --max-host-adapters)"))
     max_lora_rank: int = field(default=64, metadata=_opt("largest LoRA rank a slot holds"))
     max_prefix_tokens: int = field(default=64, metadata=_opt("longest prefix (virtual tokens) a slot holds"))
+    max_bottleneck_rank: int = field(default=128, metadata=_opt("largest bottleneck-adapter width a slot holds"))
     max_batch_size: int = field(default=64, metadata=_opt("most sequences in one engine step"))
     max_batched_tokens: int = field(default=4096, metadata=_opt("most tokens (prefill + decode) in one step"))
     max_model_len: int = field(default=4096, metadata=_opt("context length (prompt + output), capped by the model"))
@@ -75,8 +76,9 @@ class ServerConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("max_adapter_slots", "max_lora_rank", "max_prefix_tokens", "max_batch_size", "max_batched_tokens",
-                    "max_model_len", "kv_cache_tokens", "block_size", "max_waiting", "default_max_new_tokens")
+        positive = ("max_adapter_slots", "max_lora_rank", "max_prefix_tokens", "max_bottleneck_rank", "max_batch_size",
+                    "max_batched_tokens", "max_model_len", "kv_cache_tokens", "block_size", "max_waiting",
+                    "default_max_new_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
