@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -79,53 +78,21 @@ class AsyncDeltaClient:
     async def generate(
         self,
         prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        adapter: str = "",
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        repetition_penalty: float = 0.0,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        logprobs: bool = False,
-        request_id: str = "",
+        **options: Any,
     ) -> GenerationResult:
-        """Generates a completion and returns it whole. Raises ValueError unless exactly one of
-        `prompt` (raw text) or `messages` (chat, [{"role": ..., "content": ...}]) is given."""
-        request = build_request(
-            prompt, messages=messages, adapter=adapter, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-            seed=seed, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id,
-        )
+        """Generates a completion and returns it whole. `options` are `build_request`'s keywords (messages,
+        adapter, sampling and stopping); ValueError unless exactly one of `prompt` or `messages` is given."""
+        request = build_request(prompt, **options)
         response = await self._stub.Generate(request, timeout=self.timeout, metadata=self.metadata)
         return result_from_pb(response)
 
     def generate_stream(
         self,
         prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        adapter: str = "",
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        repetition_penalty: float = 0.0,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        logprobs: bool = False,
-        request_id: str = "",
+        **options: Any,
     ) -> AsyncGenerationStream:
         """Like `generate`, but async-yields `TokenChunk`s as they come and finally the `GenerationResult`."""
-        request = build_request(
-            prompt, messages=messages, adapter=adapter, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-            seed=seed, stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, request_id=request_id,
-        )
+        request = build_request(prompt, **options)
         call = self._stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata)
         return AsyncGenerationStream(call)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fake_generation import client, fake, fake_server  # noqa: F401  (fixtures for the client tests)
 from tests.helpers import ServerThread
 
 

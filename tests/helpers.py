@@ -7,12 +7,14 @@ import threading
 from typing import Any
 
 import grpc
+import torch
 
 from deltaserve.v1 import generation_pb2 as pb
 from deltaserve.v1 import generation_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
+from server.model.batch import AdapterSegments, BatchDescriptor
 
 
 class ServerThread:
@@ -75,3 +77,27 @@ def run_engine(engine: Engine, request: GenerationRequest, timeout: float = 120)
     assert done.wait(timeout), f"{request.request_id} did not finish in {timeout}s"
     assert outputs[-1].result is not None
     return outputs[-1].result, outputs
+
+
+def segment_batch(token_slots: list[int]) -> BatchDescriptor:
+    """A batch of rows with only what the delta methods read: each row's adapter slot, as segments."""
+    bounds, slots = [0], []
+    for row, slot in enumerate(token_slots):
+        if slots and slot != slots[-1]:
+            bounds.append(row)
+        if not slots or slot != slots[-1]:
+            slots.append(slot)
+    bounds.append(len(token_slots))
+    empty = torch.zeros(0, dtype=torch.long)
+    t = torch.tensor(token_slots)
+    return BatchDescriptor(input_ids=t, positions=t, slot_mapping=t, logits_indices=empty, prefill_ranges=[],
+                           decode_rows=empty, decode_block_tables=empty.view(0, 0),
+                           decode_mask=torch.zeros(0, 1, 1, 0, dtype=torch.bool), block_size=1,
+                           segments=AdapterSegments(bounds, slots, t, t))
+
+
+def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A user prompt rendered with the model's chat template, as the server encodes it."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -11,9 +11,10 @@ from server.deltas.base import DeltaLimits, DeltaRejected
 from server.deltas.bottleneck import BottleneckMethod, BottleneckStep
 from server.deltas.bottleneck_reference import apply_bottleneck_reference
 from server.deltas.deltaset import DeltaSet
-from server.model.batch import AdapterSegments, BatchDescriptor
+from server.model.batch import BatchDescriptor
 from server.model.llama import SUB_BLOCKS
 from server.model.loader import load_model
+from tests.helpers import segment_batch
 
 TOL = 1e-5
 HIDDEN = 64
@@ -29,21 +30,6 @@ SPECS: dict[int, list[tuple[int, str, str, str, int, bool]]] = {
     5: [(1, "attn", "sublayer_input", "sigmoid", 6, True), (0, "ffn", "sublayer_input", "gelu", 9, True)],
 }
 
-
-def _batch(token_slots: list[int]) -> BatchDescriptor:
-    bounds, slots = [0], []
-    for row, slot in enumerate(token_slots):
-        if slots and slot != slots[-1]:
-            bounds.append(row)
-        if not slots or slot != slots[-1]:
-            slots.append(slot)
-    bounds.append(len(token_slots))
-    empty = torch.zeros(0, dtype=torch.long)
-    t = torch.tensor(token_slots)
-    return BatchDescriptor(input_ids=t, positions=t, slot_mapping=t, logits_indices=empty, prefill_ranges=[],
-                           decode_rows=empty, decode_block_tables=empty.view(0, 0),
-                           decode_mask=torch.zeros(0, 1, 1, 0, dtype=torch.bool), block_size=1,
-                           segments=AdapterSegments(bounds, slots, t, t))
 
 
 def _module(gen: torch.Generator, spec: tuple[int, str, str, str, int, bool]) -> BottleneckModule:
@@ -112,7 +98,7 @@ def test_paths_equal_reference(tiny, layout):
     token_slots, grouped, looped, unpadded = LAYOUTS[layout]
     gen = torch.Generator().manual_seed(len(token_slots))
     deltas, adapters = _deltas(tiny, gen)
-    batch = _batch(token_slots)
+    batch = segment_batch(token_slots)
     deltas.prepare(batch)
     step: BottleneckStep = batch.method_state["bottleneck"]
     assert (len(step.groups), len(step.loop), step.pad_index is None and grouped > 0) == (grouped, looped, unpadded)
@@ -132,7 +118,7 @@ def test_gathered_weights_are_reused_only_while_nothing_changed(tiny):
             deltas.clear(2, {"bottleneck": adapters[2]})
             adapters[2] = BottleneckParts([_module(gen, (0, "ffn", "sublayer_output", "tanh", 11, True))])
             deltas.place(2, {"bottleneck": adapters[2]})
-        batch = _batch(token_slots)
+        batch = segment_batch(token_slots)
         deltas.prepare(batch)
         reused.append(batch.method_state["bottleneck"].reuse_gathered)
         _check_hooks(tiny, batch, adapters, gen)
@@ -147,7 +133,7 @@ def test_cleared_slot_adds_nothing_and_rank_limit(tiny):
     for slot in (1, 3):
         deltas.clear(slot, {"bottleneck": adapters.pop(slot)})
     for token_slots in ([0, 1, 2, 3, 4], _rows((1, 20), (3, 20))):
-        batch = _batch(token_slots)
+        batch = segment_batch(token_slots)
         deltas.prepare(batch)
         _check_hooks(tiny, batch, adapters, gen)
     too_wide = BottleneckParts([_module(gen, (0, "ffn", "sublayer_input", "relu", 17, True))])

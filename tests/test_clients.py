@@ -1,153 +1,23 @@
-"""The sync and asyncio clients and deltactl, over a real loopback socket against a fake Generation service."""
+"""The sync and asyncio clients, over a real loopback socket against a fake Generation service."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import socket
-import sys
-import threading
-from collections.abc import Iterator
-from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from clients import AsyncDeltaClient, DeltaClient, GenerationResult, TokenChunk
-from clients.cli import main
 from clients.messages import finish_reason_name
-from deltaserve.v1 import generation_pb2 as pb
-from deltaserve.v1 import generation_pb2_grpc as pb_grpc
-
-ABORT_PROMPT = "boom"          # aborted with INVALID_ARGUMENT before any token (mid-stream when streaming)
-HANG_PROMPT = "hang"           # streams one token, then waits for the client to go away
-ABORT_DETAILS = "boom is not a prompt"
-SERVER_SEED = 1234
-LOGPROB = -0.5                 # exact in float32
-
-
-def prompt_of(request: pb.GenerateRequest) -> str:
-    if request.WhichOneof("prompt") == "chat":
-        return request.chat.messages[-1].content
-    return request.text
-
-
-def reply_pieces(request: pb.GenerateRequest) -> list[str]:
-    """The fake "tokens" of the reply: "echo:" then each word of the prompt, with its leading space."""
-    return ["echo:"] + [f" {word}" for word in prompt_of(request).split()]
-
-
-def final_response(request: pb.GenerateRequest) -> pb.GenerateResponse:
-    pieces = reply_pieces(request)
-    stopping = request.stopping
-    if stopping.stop_sequences:
-        reason = pb.FINISH_REASON_STOP_SEQUENCE
-    else:
-        reason = pb.FINISH_REASON_LENGTH if stopping.ignore_eos else pb.FINISH_REASON_EOS
-    return pb.GenerateResponse(
-        request_id=request.request_id or "server-made-id",
-        text="".join(pieces),
-        token_ids=list(range(len(pieces))),
-        finish_reason=reason,
-        prompt_tokens=len(prompt_of(request).split()),
-        generated_tokens=len(pieces),
-        seed=request.sampling.seed if request.sampling.HasField("seed") else SERVER_SEED,
-        logprobs=[LOGPROB] * len(pieces) if request.return_logprobs else [],
-        stop_sequence=stopping.stop_sequences[0] if stopping.stop_sequences else "",
-        adapter_id=request.adapter_id,
-    )
-
-
-class FakeGeneration(pb_grpc.GenerationServicer):
-    """Records every request (with its metadata and deadline) and answers with an echo of its prompt."""
-
-    def __init__(self) -> None:
-        self.requests: list[pb.GenerateRequest] = []
-        self.metadata: list[dict[str, str]] = []
-        self.time_remaining: list[float | None] = []
-        self.cancelled = threading.Event()
-
-    def reset(self) -> None:
-        self.requests.clear()
-        self.metadata.clear()
-        self.time_remaining.clear()
-        self.cancelled.clear()
-
-    def _record(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> None:
-        self.requests.append(request)
-        self.metadata.append({key: value for key, value in context.invocation_metadata()})
-        self.time_remaining.append(context.time_remaining())
-
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        self._record(request, context)
-        if prompt_of(request) == ABORT_PROMPT:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, ABORT_DETAILS)
-        return final_response(request)
-
-    def GenerateStream(self, request: pb.GenerateRequest,
-                       context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
-        self._record(request, context)
-        completed = threading.Event()
-        # gRPC stops pulling a cancelled stream's generator, so the handler may never resume after a
-        # yield: the termination callback is the one place that always learns of the cancellation.
-        context.add_callback(lambda: None if completed.is_set() else self.cancelled.set())
-        for index, piece in enumerate(reply_pieces(request)):
-            logprobs = [LOGPROB] if request.return_logprobs else []
-            yield pb.GenerateStreamResponse(token=pb.TokenEvent(token_ids=[index], text=piece, logprobs=logprobs))
-            if prompt_of(request) == ABORT_PROMPT:
-                completed.set()
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, ABORT_DETAILS)
-            if prompt_of(request) == HANG_PROMPT:
-                threading.Event().wait(timeout=60)
-                return
-        completed.set()
-        yield pb.GenerateStreamResponse(final=final_response(request))
-
-    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
-        return pb.ModelInfoResponse(
-            model_id="fake/tiny", architecture="LlamaForCausalLM", dtype="float32", device="cpu",
-            max_context_length=2048, vocab_size=49152, max_batch_size=8, max_waiting_requests=64,
-            kv_cache=pb.KvCacheInfo(block_size=16, total_blocks=100, free_blocks=75, usage=0.25),
-            running_requests=1, waiting_requests=0,
-            adapters=[pb.AdapterSummary(id="pirate", format="peft_lora", methods=["lora"])],
-        )
-
-
-@dataclass
-class FakeServer:
-    target: str
-    servicer: FakeGeneration
-
-
-@pytest.fixture(scope="module")
-def fake_server() -> Iterator[FakeServer]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    servicer = FakeGeneration()
-    pb_grpc.add_GenerationServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("down", health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield FakeServer(f"127.0.0.1:{port}", servicer)
-    server.stop(grace=None)
-
-
-@pytest.fixture
-def fake(fake_server: FakeServer) -> FakeServer:
-    fake_server.servicer.reset()
-    return fake_server
-
-
-@pytest.fixture
-def client(fake: FakeServer) -> Iterator[DeltaClient]:
-    with DeltaClient(fake.target) as opened:
-        yield opened
-
+from tests.fake_generation import (
+    ABORT_DETAILS,
+    ABORT_PROMPT,
+    HANG_PROMPT,
+    LOGPROB,
+    SERVER_SEED,
+    FakeServer,
+)
 
 # --- request building and result conversion, through the sync client -----------------------------
 
@@ -350,104 +220,3 @@ def test_async_stream_cancels_on_break_and_on_exit(fake: FakeServer) -> None:
             assert await asyncio.to_thread(servicer.cancelled.wait, 30)
 
     asyncio.run(scenario())
-
-
-# --- deltactl -------------------------------------------------------------------------------------------
-
-def test_cli_generate_sends_a_user_message_and_prints_the_text(fake: FakeServer, capsys) -> None:
-    assert main(["generate", "--target", fake.target, "hello there"]) == 0
-    assert capsys.readouterr().out == "echo: hello there\n"
-    request = fake.servicer.requests[-1]
-    assert [(m.role, m.content) for m in request.chat.messages] == [("user", "hello there")]
-
-
-def test_cli_generate_system_and_raw(fake: FakeServer, capsys) -> None:
-    assert main(["generate", "--target", fake.target, "--system", "be terse", "q"]) == 0
-    assert [m.role for m in fake.servicer.requests[-1].chat.messages] == ["system", "user"]
-    assert fake.servicer.requests[-1].chat.messages[0].content == "be terse"
-    assert main(["generate", "--target", fake.target, "--raw", "plain text"]) == 0
-    assert fake.servicer.requests[-1].WhichOneof("prompt") == "text"
-    assert fake.servicer.requests[-1].text == "plain text"
-    with pytest.raises(SystemExit) as exited:
-        main(["generate", "--target", fake.target, "--raw", "--system", "s", "q"])
-    assert exited.value.code == 2
-
-
-def test_cli_generate_options_and_json(fake: FakeServer, capsys) -> None:
-    argv = ["generate", "--target", fake.target, "--adapter", "pirate", "--json", "--max-new-tokens", "9",
-            "--temperature", "0.5", "--top-p", "0.75", "--top-k", "3", "--repetition-penalty", "1.5",
-            "--seed", "11", "--stop", "A", "--stop", "B", "--ignore-eos", "--logprobs", "yo ho"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert len(out.splitlines()) == 1
-    response = json.loads(out)
-    assert response["text"] == "echo: yo ho" and response["finish_reason"] == "stop_sequence"
-    assert response["seed"] == 11 and response["adapter_id"] == "pirate" and response["stop_sequence"] == "A"
-    assert response["logprobs"] == [LOGPROB] * 3
-    request = fake.servicer.requests[-1]
-    assert request.stopping.max_new_tokens == 9 and list(request.stopping.stop_sequences) == ["A", "B"]
-    assert request.stopping.ignore_eos and request.return_logprobs
-    assert (request.sampling.temperature, request.sampling.top_p, request.sampling.top_k,
-            request.sampling.repetition_penalty) == (0.5, 0.75, 3, 1.5)
-
-
-def test_cli_generate_stream(fake: FakeServer, capsys) -> None:
-    assert main(["generate", "--target", fake.target, "--stream", "a b c"]) == 0
-    assert capsys.readouterr().out == "echo: a b c\n"
-    assert main(["generate", "--target", fake.target, "--stream", "--json", "a b c"]) == 0
-    out = capsys.readouterr().out
-    assert len(out.splitlines()) == 1
-    assert json.loads(out)["text"] == "echo: a b c"
-    assert json.loads(out)["generated_tokens"] == 4
-
-
-def test_cli_generate_reads_stdin(fake: FakeServer, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(sys, "stdin", io.StringIO("from stdin"))
-    assert main(["generate", "--target", fake.target, "-"]) == 0
-    assert capsys.readouterr().out == "echo: from stdin\n"
-    assert fake.servicer.requests[-1].chat.messages[0].content == "from stdin"
-
-
-def test_cli_target_comes_from_the_environment(fake: FakeServer, capsys, monkeypatch) -> None:
-    monkeypatch.setenv("DELTASERVE_TARGET", fake.target)
-    assert main(["health"]) == 0
-    assert capsys.readouterr().out == "SERVING\n"
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_cli_reports_rpc_errors(fake: FakeServer, capsys, stream: bool) -> None:
-    argv = ["generate", "--target", fake.target, ABORT_PROMPT] + (["--stream"] if stream else [])
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert "INVALID_ARGUMENT" in err and ABORT_DETAILS in err
-
-
-def test_cli_reports_an_unreachable_server(capsys) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free_port = probe.getsockname()[1]
-    assert main(["health", "--target", f"127.0.0.1:{free_port}", "--timeout", "5"]) == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
-
-
-def test_cli_reports_invalid_values(fake: FakeServer, capsys) -> None:
-    assert main(["generate", "--target", fake.target, "--max-new-tokens", "-1", "x"]) == 2
-    assert capsys.readouterr().err.startswith("deltactl: ")
-    assert fake.servicer.requests == []
-
-
-def test_cli_health_exit_codes(fake: FakeServer, capsys) -> None:
-    assert main(["health", "--target", fake.target, "--service", "down"]) == 1
-    assert capsys.readouterr().out == "NOT_SERVING\n"
-    assert main(["health", "--target", fake.target, "--service", "nope"]) == 1
-    assert "NOT_FOUND" in capsys.readouterr().err
-
-
-def test_cli_info(fake: FakeServer, capsys) -> None:
-    assert main(["info", "--target", fake.target]) == 0
-    out = capsys.readouterr().out
-    assert "fake/tiny" in out and "LlamaForCausalLM" in out and "75/100 blocks free" in out
-    assert "pirate" in out and "peft_lora" in out and "25.0% used" in out
-    assert main(["info", "--target", fake.target, "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["vocab_size"] == 49152 and info["running_requests"] == 1

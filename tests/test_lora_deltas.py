@@ -8,26 +8,11 @@ import torch
 from adapters_store.types import LoraModule, LoraParts
 from server.deltas.base import DeltaLimits, DeltaRejected
 from server.deltas.deltaset import DeltaSet
-from server.model.batch import AdapterSegments, BatchDescriptor
 from server.model.loader import load_model
+from tests.helpers import segment_batch
 
 TOL = 1e-5
 
-
-def _batch(token_slots: list[int]) -> BatchDescriptor:
-    bounds, slots = [0], []
-    for row, slot in enumerate(token_slots):
-        if slots and slot != slots[-1]:
-            bounds.append(row)
-        if not slots or slot != slots[-1]:
-            slots.append(slot)
-    bounds.append(len(token_slots))
-    empty = torch.zeros(0, dtype=torch.long)
-    t = torch.tensor(token_slots)
-    return BatchDescriptor(input_ids=t, positions=t, slot_mapping=t, logits_indices=empty, prefill_ranges=[],
-                           decode_rows=empty, decode_block_tables=empty.view(0, 0),
-                           decode_mask=torch.zeros(0, 1, 1, 0, dtype=torch.bool), block_size=1,
-                           segments=AdapterSegments(bounds, slots, t, t))
 
 
 def _random_lora(gen: torch.Generator, shape: tuple[int, int], rank: int) -> LoraModule:
@@ -58,7 +43,7 @@ def test_fast_paths_equal_reference(tiny, rows_per_adapter):
         adapters[slot] = modules
         deltas.place(slot, {"lora": LoraParts(modules)})
     token_slots = sorted([-1] * rows_per_adapter + [s for s in adapters for _ in range(rows_per_adapter)])
-    batch = _batch(token_slots)
+    batch = segment_batch(token_slots)
     deltas.prepare(batch)
     assert batch.method_state["lora"].gather == (rows_per_adapter == 1)
     for site in sites:
@@ -78,7 +63,7 @@ def test_cleared_slot_gives_base_output_and_rank_limit(tiny):
     module = _random_lora(gen, (linear.in_features, linear.out_features), 4)
     deltas.place(0, {"lora": LoraParts({q: module})})
     deltas.clear(0, {"lora": LoraParts({q: module})})
-    batch = _batch([0, 0])
+    batch = segment_batch([0, 0])
     deltas.prepare(batch)
     x = torch.randn(2, linear.in_features, generator=gen)
     assert torch.equal(linear(x, batch), torch.nn.functional.linear(x, linear.weight))
@@ -106,7 +91,7 @@ def test_gathered_rows_are_reused_only_while_nothing_changed(tiny):
             deltas.clear(2, {"lora": LoraParts({q: modules[2]})})
             modules[2] = _random_lora(gen, shape, 8)
             deltas.place(2, {"lora": LoraParts({q: modules[2]})})
-        batch = _batch(token_slots)
+        batch = segment_batch(token_slots)
         deltas.prepare(batch)
         assert batch.method_state["lora"].reuse_gathered == (round_ == 1)
         want = torch.nn.functional.linear(x, linear.weight) + lora_delta_reference(

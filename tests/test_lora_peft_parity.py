@@ -16,7 +16,7 @@ from server.config import ServerConfig
 from server.engine.request import GenerationRequest, SamplingParams, Sequence, StoppingParams
 from server.engine.scheduler import ScheduledStep
 from server.model.loader import load_model
-from tests.helpers import run_engine
+from tests.helpers import chat_ids, run_engine
 
 pytestmark = pytest.mark.integration
 
@@ -41,11 +41,6 @@ ROWS = list(ADAPTERS) + ["qv-r4", "all-r8", "regex-r64", "patterns-r12"] + [None
 LOGIT_TOL = 1e-3
 NEW_TOKENS = 32
 
-
-def _chat_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +108,7 @@ def test_mixed_batch_logits_match_peft(stack, peft_model):
     seqs = []
     for i, adapter in enumerate(ROWS):
         slot = stack.slots.acquire(adapter) if adapter else -1
-        seqs.append(Sequence(request_id=f"row{i}", prompt_ids=_chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)]),
+        seqs.append(Sequence(request_id=f"row{i}", prompt_ids=chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)]),
                              sampling=SamplingParams(), stopping=StoppingParams(8), seed=0,
                              adapter_id=adapter or "", adapter_slot=slot, return_logprobs=False,
                              sink=lambda o: None, arrival=0.0))
@@ -153,7 +148,7 @@ def test_concurrent_greedy_tokens_match_peft(stack, peft_model):
         for t in threads:
             t.join()
         for i, adapter in enumerate(ROWS):
-            want = _peft_greedy(peft_model, adapter, _chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)]))
+            want = _peft_greedy(peft_model, adapter, chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)]))
             assert results[i] == want, f"row {i} ({adapter or 'base'})"
         base_tokens = {i % len(PROMPTS): results[i] for i, a in enumerate(ROWS) if a is None}
         changed = [a for i, a in enumerate(ROWS) if a and i % len(PROMPTS) in base_tokens

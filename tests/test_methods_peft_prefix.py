@@ -16,7 +16,7 @@ from server.config import ServerConfig
 from server.engine.request import GenerationRequest, SamplingParams, Sequence, StoppingParams
 from server.engine.scheduler import ScheduledStep
 from server.model.loader import load_model
-from tests.helpers import run_engine
+from tests.helpers import chat_ids, run_engine
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +27,6 @@ ROWS = NAMES + NAMES[::-1] + [None] * 4    # 16 rows: every adapter twice, four 
 LOGIT_TOL = 1e-3
 NEW_TOKENS = 24
 
-
-def _chat_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +75,7 @@ def stack(adapters_dir, cache_dir):
 
 
 def _sequence(stack, i: int, adapter: str | None) -> Sequence:
-    ids = _chat_ids(stack.loaded.tokenizer, PROMPTS[i % len(PROMPTS)])
+    ids = chat_ids(stack.loaded.tokenizer, PROMPTS[i % len(PROMPTS)])
     return Sequence(request_id=f"row{i}", prompt_ids=ids, sampling=SamplingParams(), stopping=StoppingParams(8),
                     seed=0, adapter_id=adapter or "", adapter_slot=stack.slots.acquire(adapter) if adapter else -1,
                     return_logprobs=False, sink=lambda o: None, arrival=0.0)
@@ -124,7 +119,7 @@ def test_concurrent_greedy_equals_greedy_loop_over_peft_forward(stack, peft_mode
             t.join()
         for i in [*range(len(NAMES)), len(ROWS) - 1]:  # every adapter once, and a base row
             adapter = ROWS[i]
-            ids = _chat_ids(stack.loaded.tokenizer, PROMPTS[i % len(PROMPTS)])
+            ids = chat_ids(stack.loaded.tokenizer, PROMPTS[i % len(PROMPTS)])
             want: list[int] = []
             for _ in range(NEW_TOKENS):
                 want.append(int(_peft_logits(peft_model, adapter, ids + want).argmax()))
