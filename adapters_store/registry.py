@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from pathlib import Path
 
+import torch
+
 from adapters_store.errors import AdapterError, AdapterNotFound
 from adapters_store.events import DELTA_REJECTED, StoreListener
 from adapters_store.host_tier import HostLimits, HostTier, MemoryReturner
@@ -40,6 +42,8 @@ IO_NICENESS = 10
 
 def _background_thread() -> None:
     _thread.io = True
+    # One torch thread here: the engine thread alone keeps an OpenMP team (server/engine/threads.py says why).
+    torch.set_num_threads(1)
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IO_NICENESS)
     except (AttributeError, OSError):  # not Linux (per-thread niceness), or not allowed: run as is

@@ -95,7 +95,8 @@ def batch_throughput(server: ServerThread, repeats: int, batch: int = 32, new_to
     engine_runs, hf_runs = [], []
     for _ in range(repeats):  # interleaved, so both see the same machine state
         engine_runs.append(decode_throughput(server.engine, requests_for(prompts, new_tokens, "tput")))
-        hf_runs.append(hf_decode_throughput(hf, tokenizer, prompts, new_tokens))
+        # on the engine thread, the one thread of the process with torch's compute threads
+        hf_runs.append(server.engine.call(lambda: hf_decode_throughput(hf, tokenizer, prompts, new_tokens)))
     best_engine, best_hf = max(engine_runs), max(hf_runs)
     return {"batch": batch, "engine_decode_tok_s": best_engine, "hf_generate_decode_tok_s": best_hf,
             "engine_over_hf": best_engine / best_hf, "engine_runs": engine_runs, "hf_runs": hf_runs}

@@ -79,8 +79,9 @@ def measure_shape(shape_name: str, batch: int, new_tokens: int, repeats: int, pe
                 runs.setdefault(f"distinct{n}@{size}", []).append(
                     decode_throughput(engine, requests_for(prompts, new_tokens, "lora", names[:n])))
             if peft_model is not None:
-                runs.setdefault(f"peft_distinct{batch}@{batch}", []).append(peft_decode_throughput(
-                    peft_model, loaded.tokenizer, PROMPTS[:batch], names[:batch], new_tokens))
+                # on the engine thread, the one thread of the process with torch's compute threads
+                runs.setdefault(f"peft_distinct{batch}@{batch}", []).append(engine.call(lambda: peft_decode_throughput(
+                    peft_model, loaded.tokenizer, PROMPTS[:batch], names[:batch], new_tokens)))
     finally:
         engine.shutdown(0)
     best = {key: max(values) for key, values in runs.items()}

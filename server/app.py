@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-
-import torch
 
 from adapters_store.events import StoreListener
 from adapters_store.registry import AdapterRegistry
@@ -20,6 +17,7 @@ from server.engine.engine import Engine, EngineLimits
 from server.engine.prompts import PromptEncoder
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
+from server.engine.threads import single_threaded
 from server.model.attention import PagedKVCache
 from server.model.loader import LoadedModel, load_model
 
@@ -38,12 +36,10 @@ class ServingStack:
     adapters: Adapters
 
 
-def set_threads(threads: int) -> None:
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-
-
 def load(config: ServerConfig) -> LoadedModel:
-    set_threads(config.threads)
+    """Loads the model on the calling thread, which stays single-threaded (the engine thread claims
+    `config.threads` when it starts: see server/engine/threads.py)."""
+    single_threaded()
     return load_model(config.model, config.cache_dir, config.device, config.dtype)
 
 
@@ -66,7 +62,7 @@ def build_stack(loaded: LoadedModel, config: ServerConfig, store_listener: Store
     runner = ModelRunner(loaded.model, kv_cache, loaded.device, deltas)
     limits = EngineLimits(max_model_len=max_model_len, default_max_new_tokens=config.default_max_new_tokens)
     engine = Engine(runner, PromptEncoder(loaded.tokenizer), blocks, scheduler, limits, loaded.eos_token_ids,
-                    slots)
+                    slots, threads=config.threads)
     return ServingStack(loaded, engine, adapters.registry, deltas, slots, adapters)
 
 

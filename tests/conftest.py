@@ -11,6 +11,11 @@ import torch
 from tests.fake_generation import client, fake, fake_server  # noqa: F401  (fixtures for the client tests)
 from tests.helpers import ServerThread
 
+# References are computed on the main thread: fix its torch thread count now, before a server's engine makes one
+# thread the default for threads that start later (server/engine/threads.py).
+torch.set_num_threads(os.cpu_count() or 1)
+torch.get_num_threads()
+
 
 @pytest.fixture(scope="session")
 def cache_dir() -> str:

@@ -156,3 +156,20 @@ def test_stop_sequence_truncates_text(tiny):
         assert "".join(o.text for o in outputs) == cut.text
     finally:
         engine.shutdown(0)
+
+
+def test_engine_thread_alone_claims_the_compute_threads(tiny):
+    engine = _engine(tiny, threads=2)
+    try:
+        assert engine.call(torch.get_num_threads) == 2
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [1]          # threads started after the engine's take one torch thread
+        with pytest.raises(ZeroDivisionError):
+            engine.call(lambda: 1 / 0)
+        result, _ = run_engine(engine, GenerationRequest("after-call", prompt="Hello", max_new_tokens=3))
+        assert len(result.token_ids) == 3
+    finally:
+        engine.shutdown(0)

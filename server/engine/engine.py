@@ -8,8 +8,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
@@ -28,8 +29,11 @@ from server.engine.request import (
 from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import Scheduler
+from server.engine.threads import claim_compute_threads
 
 log = logging.getLogger("deltaserve.engine")
+
+T = TypeVar("T")
 
 
 class AdapterResolver(Protocol):
@@ -77,7 +81,8 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, encoder: PromptEncoder, blocks: BlockManager,
                  scheduler: Scheduler, limits: EngineLimits, eos_token_ids: frozenset[int],
-                 adapters: AdapterResolver | None = None, observer: EngineObserver | None = None) -> None:
+                 adapters: AdapterResolver | None = None, observer: EngineObserver | None = None,
+                 threads: int = 0) -> None:
         self.runner = runner
         self.encoder = encoder
         self.blocks = blocks
@@ -86,6 +91,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.adapters = adapters or NoAdapters()
         self.observer = observer or EngineObserver()
+        self.threads = threads            # intra-op threads the engine thread claims (0: all cores)
         self._inbox: deque[Callable[[], None]] = deque()
         self._wakeup = threading.Event()
         self._accepting = True
@@ -118,6 +124,20 @@ class Engine:
             raise
         self._post(lambda: self._enqueue(seq))
         return seq
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Runs `fn` on the engine thread between two steps and returns its result. Benchmarks run their
+        reference decoders there: the engine thread is the one that owns the compute threads."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as error:  # noqa: BLE001 — handed to the caller
+                future.set_exception(error)
+
+        self._post(run)
+        return future.result()
 
     def cancel(self, request_id: str) -> None:
         self._post(lambda: self._abort(request_id))
@@ -178,6 +198,7 @@ class Engine:
     # ---- the engine thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self.threads = claim_compute_threads(self.threads)
         while True:
             while self._inbox:
                 self._inbox.popleft()()
