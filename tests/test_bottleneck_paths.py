@@ -8,9 +8,10 @@ import torch
 
 from adapters_store.types import BottleneckModule, BottleneckParts
 from server.deltas.base import DeltaLimits, DeltaRejected
-from server.deltas.bottleneck import BottleneckMethod, BottleneckStep
+from server.deltas.bottleneck import BottleneckMethod
 from server.deltas.bottleneck_reference import apply_bottleneck_reference
 from server.deltas.deltaset import DeltaSet
+from server.deltas.groups import SegmentGroups
 from server.model.batch import BatchDescriptor
 from server.model.llama import SUB_BLOCKS
 from server.model.loader import load_model
@@ -100,7 +101,7 @@ def test_paths_equal_reference(tiny, layout):
     deltas, adapters = _deltas(tiny, gen)
     batch = segment_batch(token_slots)
     deltas.prepare(batch)
-    step: BottleneckStep = batch.method_state["bottleneck"]
+    step: SegmentGroups = batch.method_state["bottleneck"]
     assert (len(step.groups), len(step.loop), step.pad_index is None and grouped > 0) == (grouped, looped, unpadded)
     _check_hooks(tiny, batch, adapters, gen)
     _check_hooks(tiny, batch, adapters, gen)  # again, on the weights gathered the first time

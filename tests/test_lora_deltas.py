@@ -27,11 +27,22 @@ def tiny(tiny_model_dir, cache_dir):
     return load_model(str(tiny_model_dir), cache_dir, "cpu", "float32")
 
 
-@pytest.mark.parametrize("rows_per_adapter", [1, 7])  # 1: gather path; 7: segment loop
-def test_fast_paths_equal_reference(tiny, rows_per_adapter):
+LAYOUTS = {
+    # name: (rows of each of the six adapters, base rows first, expected grouped / looped segments, unpadded)
+    "one-row-each": ([1] * 6, 6, 0, True),
+    "seven-rows-each": ([7] * 6, 6, 0, True),
+    "uneven-padded": ([1, 3, 2, 1, 4, 2], 6, 0, False),
+    "long-loop": ([20] * 6, 0, 6, False),
+    "mixed": ([1, 1, 30, 2, 12, 1], 4, 2, False),   # the 12-row segment would pad the others too much
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_fast_paths_equal_reference(tiny, layout):
     from server.deltas.lora_reference import lora_delta_reference
 
-    gen = torch.Generator().manual_seed(rows_per_adapter)
+    counts, grouped, looped, unpadded = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(sum(counts))
     deltas = DeltaSet(tiny.model, DeltaLimits(num_slots=8, max_lora_rank=16))
     linears = tiny.model.adaptable_linears()
     sites = sorted(linears)
@@ -42,10 +53,11 @@ def test_fast_paths_equal_reference(tiny, rows_per_adapter):
         modules = {s: _random_lora(gen, (linears[s].in_features, linears[s].out_features), rank) for s in chosen}
         adapters[slot] = modules
         deltas.place(slot, {"lora": LoraParts(modules)})
-    token_slots = sorted([-1] * rows_per_adapter + [s for s in adapters for _ in range(rows_per_adapter)])
+    token_slots = [-1] * 2 + [slot for slot, count in enumerate(counts) for _ in range(count)]
     batch = segment_batch(token_slots)
     deltas.prepare(batch)
-    assert batch.method_state["lora"].gather == (rows_per_adapter == 1)
+    step = batch.method_state["lora"]
+    assert (len(step.groups), len(step.loop), step.unpadded and grouped > 0) == (grouped, looped, unpadded)
     for site in sites:
         linear = linears[site]
         x = torch.randn(len(token_slots), linear.in_features, generator=gen)

@@ -19,47 +19,9 @@ import torch
 from adapters_store.types import ACTIVATIONS, BOTTLENECK_INPUTS, BottleneckModule, BottleneckParts, activate
 from server.deltas.base import DeltaLimits, DeltaMethod, DeltaRejected, adapter_segments, register_method
 from server.deltas.bottleneck_reference import apply_bottleneck_reference
+from server.deltas.groups import GroupPlanner, SegmentGroups
 from server.model.batch import BatchDescriptor
 from server.model.llama import SUB_BLOCKS, CausalLM
-
-# Segments of at most this many rows (decode) are applied together, each padded to the longest of them:
-# a few batched products per site instead of a handful of small ones per segment. Longer ones (prefill)
-# are applied one by one.
-GROUP_MAX_ROWS = 16
-# Padding may at most double the grouped rows; the longest segments leave the group until it holds.
-GROUP_MAX_PADDING = 2
-
-Segment = tuple[int, int, int]  # (first row, end row, slot)
-
-
-@dataclass
-class BottleneckStep:
-    """Per-step bottleneck metadata, shared by every site; rebuilt only when the batch layout changes."""
-
-    groups: list[Segment]   # [G] segments applied together, each padded to `rows` rows
-    loop: list[Segment]     # segments applied one by one
-    plan_id: int            # names this layout and placement: sites regather their weights when it changes
-    rows: int = 0           # M: padded rows per group
-    group_slots: torch.Tensor | None = None  # [G] slot of each group
-    span: tuple[int, int] = (0, 0)  # groups back to back, M rows each, in rows span[0]:span[1] (no padding)
-    pad_index: torch.Tensor | None = None   # [G * M] row read by each padded position (otherwise)
-    valid: torch.Tensor | None = None       # [n] padded positions that are real rows
-    targets: torch.Tensor | None = None     # [n] their rows
-    # Same layout and placements as the previous step: every site's gathered weights are still right.
-    reuse_gathered: bool = False
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, d] -> [G, M, d], the grouped segments' rows padded (a view when there is no padding)."""
-        if self.pad_index is None:
-            return x[self.span[0]:self.span[1]].view(len(self.groups), self.rows, x.shape[1])
-        return x.index_select(0, self.pad_index).view(len(self.groups), self.rows, x.shape[1])
-
-    def add_to(self, block_out: torch.Tensor, delta: torch.Tensor) -> None:
-        """block_out [N, d] += delta [G, M, d] at the grouped rows; padding is dropped."""
-        if self.pad_index is None:
-            block_out[self.span[0]:self.span[1]].view_as(delta).add_(delta)
-        else:
-            block_out.index_add_(0, self.targets, delta.view(-1, delta.shape[2]).index_select(0, self.valid))
 
 
 @dataclass
@@ -132,7 +94,7 @@ class BottleneckSite:
 
     def __call__(self, sub_in: torch.Tensor, sub_out: torch.Tensor, block_out: torch.Tensor,
                  batch: BatchDescriptor) -> None:
-        step: BottleneckStep | None = batch.method_state.get(BottleneckMethod.name)
+        step: SegmentGroups | None = batch.method_state.get(BottleneckMethod.name)
         if step is None:
             return
         inputs = {"sublayer_input": sub_in, "sublayer_output": sub_out, "block_output": block_out}
@@ -141,7 +103,7 @@ class BottleneckSite:
         for start, end, slot in step.loop:
             self._apply_segment(start, end, slot, inputs, block_out)
 
-    def _apply_groups(self, step: BottleneckStep, inputs: dict[str, torch.Tensor], block_out: torch.Tensor) -> None:
+    def _apply_groups(self, step: SegmentGroups, inputs: dict[str, torch.Tensor], block_out: torch.Tensor) -> None:
         if self.gathered_plan != step.plan_id:
             self.gathered, self.gathered_plan = self._gather(step), step.plan_id
         w = self.gathered
@@ -159,7 +121,7 @@ class BottleneckSite:
             apply_bottleneck_reference(sub_in, sub_out, block_out,
                                        [(b, e, self.multi[s]) for b, e, s in step.groups if s in self.multi])
 
-    def _gather(self, step: BottleneckStep) -> GroupedWeights | None:
+    def _gather(self, step: SegmentGroups) -> GroupedWeights | None:
         """This site's weights for the step's groups; None when no group's adapter has one module here."""
         here = [slot for _, _, slot in step.groups if self.ranks[slot]]
         if not here:
@@ -193,19 +155,6 @@ class BottleneckSite:
         block_out[start:end] += torch.addmm(self.up_bias[slot], act, self.up_t[slot, :r])
 
 
-def split_segments(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
-    """(groups, loop): short segments go together while padding them to the longest stays cheap."""
-    short = sorted((s for s in segments if s[1] - s[0] <= GROUP_MAX_ROWS), key=lambda s: s[1] - s[0])
-    rows = sum(end - start for start, end, _ in short)
-    while len(short) > 1 and len(short) * (short[-1][1] - short[-1][0]) > GROUP_MAX_PADDING * rows:
-        start, end, _ = short.pop()
-        rows -= end - start
-    if len(short) < 2:
-        return [], segments
-    grouped = set(short)
-    return sorted(short), [s for s in segments if s not in grouped]
-
-
 @register_method
 class BottleneckMethod(DeltaMethod):
     """Per-request bottleneck adapters over every layer's attention and FFN sub-blocks."""
@@ -221,8 +170,7 @@ class BottleneckMethod(DeltaMethod):
         param = model.lm_head.weight
         self.dtype, self.device = param.dtype, param.device
         self.version = 0          # bumped by every place/clear: invalidates gathered weights
-        self._last: tuple[tuple, BottleneckStep] | None = None
-        self._plans = 0
+        self.planner = GroupPlanner(self.device)
 
     def check(self, part: BottleneckParts) -> None:
         for m in part.modules:
@@ -268,35 +216,5 @@ class BottleneckMethod(DeltaMethod):
 
     def prepare(self, batch: BatchDescriptor) -> None:
         segments = [s for s in adapter_segments(batch, self.slot_has) if s[1] > s[0]]
-        if not segments:
-            return
-        seg = batch.segments
-        key = (tuple(seg.bounds), tuple(seg.slots), self.version)
-        if self._last is not None and self._last[0] == key:
-            batch.method_state[self.name] = dataclasses.replace(self._last[1], reuse_gathered=True)
-            return
-        step = self._plan(segments)
-        self._last = (key, step)
-        batch.method_state[self.name] = step
-
-    def _plan(self, segments: list[Segment]) -> BottleneckStep:
-        """The step's grouping and the row indices that pad and unpad its groups."""
-        self._plans += 1
-        groups, loop = split_segments(segments)
-        step = BottleneckStep(groups=groups, loop=loop, plan_id=self._plans)
-        if not groups:
-            return step
-
-        def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        m = step.rows = max(end - start for start, end, _ in groups)
-        step.group_slots = tensor([slot for _, _, slot in groups])
-        first = groups[0][0]
-        if all(start == first + i * m and end - start == m for i, (start, end, _) in enumerate(groups)):
-            step.span = (first, first + m * len(groups))
-            return step
-        step.pad_index = tensor([start + min(j, end - start - 1) for start, end, _ in groups for j in range(m)])
-        step.valid = tensor([g * m + j for g, (start, end, _) in enumerate(groups) for j in range(end - start)])
-        step.targets = tensor([row for start, end, _ in groups for row in range(start, end)])
-        return step
+        if segments:
+            batch.method_state[self.name] = self.planner.plan(batch, segments, self.version)

@@ -2,36 +2,19 @@
 
 Unified view: functional form x W_down W_up, parallel insertion, modifies a linear's output,
 composition h <- h + s * delta. Weights live in preallocated per-site stacks with one slot per
-resident adapter (plus an all-zero slot for base rows); the scale is folded into B at placement.
+resident adapter (plus an all-zero slot, read where a grouped adapter does not target the site); the
+scale is folded into B at placement. Segments are grouped for batched products (server/deltas/groups.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from adapters_store.types import LoraParts
-from server.deltas.base import DeltaLimits, DeltaMethod, DeltaRejected, register_method
+from server.deltas.base import DeltaLimits, DeltaMethod, DeltaRejected, adapter_segments, register_method
+from server.deltas.groups import GroupPlanner, SegmentGroups
 from server.model.batch import BatchDescriptor
 from server.model.llama import AdaptableLinear, CausalLM
-
-# Below this many rows per adapter segment, one gathered batched product beats a loop of matmuls.
-GATHER_MAX_ROWS_PER_SEGMENT = 4
-
-
-@dataclass
-class LoraStep:
-    """Per-step LoRA metadata, shared by every site."""
-
-    gather: bool                       # True: batched gather path; False: loop over segments
-    token_slots: torch.Tensor          # [num_tokens] slot of each row, base rows -> the zero slot
-    rank: int                          # largest rank among this step's adapters (gather width)
-    segments: list[tuple[int, int, int]]  # [num_adapter_segments] (first row, end row, slot)
-    # Same rows, slots, rank and placements as the previous gathered step: the per-row weights
-    # each site gathered then are still right. Decode batches keep their composition for many
-    # steps, so the gather (a copy of every row's weights) is paid only when rows join or leave.
-    reuse_gathered: bool = False
 
 
 class LoraSite:
@@ -49,8 +32,8 @@ class LoraSite:
         self.ranks = [0] * slots
         # slot -> itself where that slot's adapter targets this site, else the zero slot
         self.slot_map = torch.full((slots,), self.zero_slot, dtype=torch.long, device=weight.device)
-        self.rows_a: torch.Tensor | None = None    # [N, r, in] gathered weights of the last gathered step
-        self.rows_bt: torch.Tensor | None = None   # [N, r, out]
+        self.gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # the groups' ([G, in, r], [G, r, out])
+        self.gathered_plan = -1
         linear.hooks.append(self)
 
     def write(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
@@ -67,21 +50,37 @@ class LoraSite:
         self.slot_map[slot] = self.zero_slot
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: BatchDescriptor) -> None:
-        step: LoraStep | None = batch.method_state.get("lora")
+        step: SegmentGroups | None = batch.method_state.get(LoraMethod.name)
         if step is None:
             return
-        if step.gather:
-            if not step.reuse_gathered or self.rows_a is None:
-                idx = self.slot_map[step.token_slots]              # [N]
-                self.rows_a = self.a[idx, :step.rank]              # [N, r, in]
-                self.rows_bt = self.bt[idx, :step.rank]            # [N, r, out]
-            h = torch.bmm(x.unsqueeze(1), self.rows_a.transpose(1, 2))  # [N, 1, r]
-            y += torch.bmm(h, self.rows_bt).squeeze(1)                 # [N, out]
-            return
-        for start, end, slot in step.segments:
+        if step.groups:
+            self._apply_groups(step, x, y)
+        for start, end, slot in step.loop:
             r = self.ranks[slot]
             if r:
                 y[start:end].addmm_(x[start:end] @ self.a[slot, :r].t(), self.bt[slot, :r])
+
+    def _apply_groups(self, step: SegmentGroups, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.gathered_plan != step.plan_id:
+            self.gathered, self.gathered_plan = self._gather(step), step.plan_id
+        if self.gathered is None:
+            return
+        a_t, bt = self.gathered
+        # Decode is bound by reading the groups' weights: two batched products, the second accumulating
+        # straight into y's rows when the groups need no padding (no [G, M, out] temporary written and read back).
+        h = torch.bmm(step.pad(x), a_t)                         # [G, M, r]
+        if step.unpadded:
+            step.spanned(y).baddbmm_(h, bt)
+        else:
+            step.add_to(y, torch.bmm(h, bt))                    # [G, M, out]
+
+    def _gather(self, step: SegmentGroups) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This site's weights for the step's groups; None when no group's adapter targets this site."""
+        r = max(self.ranks[slot] for _, _, slot in step.groups)
+        if not r:
+            return None
+        idx = self.slot_map[step.group_slots]                   # [G]
+        return self.a[idx, :r].transpose(1, 2), self.bt[idx, :r]   # [G, in, r] (a view of [G, r, in]), [G, r, out]
 
 
 @register_method
@@ -94,10 +93,9 @@ class LoraMethod(DeltaMethod):
         super().__init__(model, limits)
         self.linears = model.adaptable_linears()
         self.sites: dict[str, LoraSite] = {}
-        self.slot_rank = [0] * limits.num_slots
-        self.zero_slot = limits.num_slots
-        self.version = 0          # bumped by every place/clear: invalidates gathered rows
-        self._last_gather: tuple | None = None
+        self.slot_has = [False] * limits.num_slots
+        self.version = 0          # bumped by every place/clear: invalidates gathered weights
+        self.planner = GroupPlanner(model.lm_head.weight.device)
 
     def check(self, part: LoraParts) -> None:
         for path, module in part.modules.items():
@@ -113,27 +111,16 @@ class LoraMethod(DeltaMethod):
             if site is None:
                 site = self.sites[path] = LoraSite(self.linears[path], self.limits)
             site.write(slot, module.a, module.b, module.scale)
-        self.slot_rank[slot] = part.max_rank
+        self.slot_has[slot] = bool(part.modules)
         self.version += 1
 
     def clear(self, slot: int) -> None:
         for site in self.sites.values():
             site.erase(slot)
-        self.slot_rank[slot] = 0
+        self.slot_has[slot] = False
         self.version += 1
 
     def prepare(self, batch: BatchDescriptor) -> None:
-        seg = batch.segments
-        segments = [(seg.bounds[i], seg.bounds[i + 1], slot) for i, slot in enumerate(seg.slots)
-                    if slot >= 0 and self.slot_rank[slot]]
-        if not segments:
-            return
-        gather = len(segments) > 2 and batch.num_tokens <= GATHER_MAX_ROWS_PER_SEGMENT * len(segments)
-        rank = max(self.slot_rank[s] for _, _, s in segments)
-        step = LoraStep(gather=gather, token_slots=seg.token_slots, rank=rank, segments=segments)
-        if gather:
-            step.token_slots = torch.where(seg.token_slots < 0, self.zero_slot, seg.token_slots)
-            key = (tuple(seg.bounds), tuple(seg.slots), rank, self.version)
-            step.reuse_gathered = key == self._last_gather
-            self._last_gather = key
-        batch.method_state[self.name] = step
+        segments = [s for s in adapter_segments(batch, self.slot_has) if s[1] > s[0]]
+        if segments:
+            batch.method_state[self.name] = self.planner.plan(batch, segments, self.version)

@@ -1,0 +1,114 @@
+"""Adapter segments laid out for batched products, shared by the methods that apply per-segment weights.
+
+Decode batches hold many short segments (a row or a few per adapter): applying them one by one costs a handful
+of small products per segment at every site. Grouped, they take two batched products per site: the rows of G
+segments as [G, M, d] (each padded to the longest, M rows), against the G adapters' weights gathered once as
+[G, d, r] and [G, r, out]. Long segments (prefill) stay in a loop, one pair of matrix products each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from server.model.batch import BatchDescriptor
+
+# Segments of at most this many rows are grouped; longer ones are applied one by one.
+GROUP_MAX_ROWS = 16
+# Padding may at most double the grouped rows; the longest segments leave the group until it holds.
+GROUP_MAX_PADDING = 2
+
+Segment = tuple[int, int, int]  # (first row, end row, slot)
+
+
+@dataclass
+class SegmentGroups:
+    """One method's segments for a step; rebuilt only when the batch layout or the placements change."""
+
+    groups: list[Segment]   # [G] segments applied together, each padded to `rows` rows
+    loop: list[Segment]     # segments applied one by one
+    plan_id: int            # names this layout and placement: sites regather their weights when it changes
+    rows: int = 0           # M: padded rows per group
+    group_slots: torch.Tensor | None = None  # [G] slot of each group
+    span: tuple[int, int] = (0, 0)  # groups back to back, M rows each, in rows span[0]:span[1] (no padding)
+    pad_index: torch.Tensor | None = None   # [G * M] row read by each padded position (otherwise)
+    valid: torch.Tensor | None = None       # [n] padded positions that are real rows
+    targets: torch.Tensor | None = None     # [n] their rows
+    # Same layout and placements as the previous step: every site's gathered weights are still right.
+    reuse_gathered: bool = False
+
+    @property
+    def unpadded(self) -> bool:
+        return self.pad_index is None
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, d] -> [G, M, d], the grouped segments' rows padded (a view when there is no padding)."""
+        if self.pad_index is None:
+            return x[self.span[0]:self.span[1]].reshape(len(self.groups), self.rows, x.shape[1])
+        return x.index_select(0, self.pad_index).view(len(self.groups), self.rows, x.shape[1])
+
+    def spanned(self, out: torch.Tensor) -> torch.Tensor:
+        """out [N, d] -> its grouped rows as a [G, M, d] view (only when unpadded)."""
+        return out[self.span[0]:self.span[1]].view(len(self.groups), self.rows, out.shape[1])
+
+    def add_to(self, out: torch.Tensor, delta: torch.Tensor) -> None:
+        """out [N, d] += delta [G, M, d] at the grouped rows; padding is dropped."""
+        if self.pad_index is None:
+            self.spanned(out).add_(delta)
+        else:
+            out.index_add_(0, self.targets, delta.view(-1, delta.shape[2]).index_select(0, self.valid))
+
+
+def split_segments(segments: list[Segment]) -> tuple[list[Segment], list[Segment]]:
+    """(groups, loop): short segments go together while padding them to the longest stays cheap."""
+    short = sorted((s for s in segments if s[1] - s[0] <= GROUP_MAX_ROWS), key=lambda s: s[1] - s[0])
+    rows = sum(end - start for start, end, _ in short)
+    while len(short) > 1 and len(short) * (short[-1][1] - short[-1][0]) > GROUP_MAX_PADDING * rows:
+        start, end, _ = short.pop()
+        rows -= end - start
+    if len(short) < 2:
+        return [], segments
+    grouped = set(short)
+    return sorted(short), [s for s in segments if s not in grouped]
+
+
+class GroupPlanner:
+    """Plans one method's segment groups per step, reusing the last plan while nothing it depends on changed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._last: tuple[tuple, SegmentGroups] | None = None
+        self._plans = 0
+
+    def plan(self, batch: BatchDescriptor, segments: list[Segment], version: int) -> SegmentGroups:
+        """`segments`: the batch's segments this method applies; `version`: bumped by every place/clear."""
+        seg = batch.segments
+        key = (tuple(seg.bounds), tuple(seg.slots), version)
+        if self._last is not None and self._last[0] == key:
+            return dataclasses.replace(self._last[1], reuse_gathered=True)
+        step = self._build(segments)
+        self._last = (key, step)
+        return step
+
+    def _build(self, segments: list[Segment]) -> SegmentGroups:
+        self._plans += 1
+        groups, loop = split_segments(segments)
+        step = SegmentGroups(groups=groups, loop=loop, plan_id=self._plans)
+        if not groups:
+            return step
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        m = step.rows = max(end - start for start, end, _ in groups)
+        step.group_slots = tensor([slot for _, _, slot in groups])
+        first = groups[0][0]
+        if all(start == first + i * m and end - start == m for i, (start, end, _) in enumerate(groups)):
+            step.span = (first, first + m * len(groups))
+            return step
+        step.pad_index = tensor([start + min(j, end - start - 1) for start, end, _ in groups for j in range(m)])
+        step.valid = tensor([g * m + j for g, (start, end, _) in enumerate(groups) for j in range(end - start)])
+        step.targets = tensor([row for start, end, _ in groups for row in range(start, end)])
+        return step
