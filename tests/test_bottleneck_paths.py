@@ -140,3 +140,18 @@ def test_cleared_slot_adds_nothing_and_rank_limit(tiny):
     too_wide = BottleneckParts([_module(gen, (0, "ffn", "sublayer_input", "relu", 17, True))])
     with pytest.raises(DeltaRejected, match="exceeds the bottleneck rank limit 16"):
         deltas.place(1, {"bottleneck": too_wide})
+
+
+def test_rows_beyond_a_slots_rank_are_never_read(tiny):
+    """The stacks leave rows beyond each slot's rank unwritten (here: NaN); grouped with higher-rank adapters,
+    a lower-rank one is still exact."""
+    gen = torch.Generator().manual_seed(11)
+    deltas, adapters = _deltas(tiny, gen)
+    method: BottleneckMethod = deltas.methods["bottleneck"]
+    for site in method.sites.values():
+        for slot, rank in enumerate(site.ranks):
+            for stack in (site.down, site.down_bias, site.up_t):
+                stack[slot, rank:] = float("nan")
+    batch = segment_batch([-1, 0, 1, 2, 3, 4, 5])
+    deltas.prepare(batch)
+    _check_hooks(tiny, batch, adapters, gen)

@@ -109,3 +109,30 @@ def test_gathered_rows_are_reused_only_while_nothing_changed(tiny):
         want = torch.nn.functional.linear(x, linear.weight) + lora_delta_reference(
             x, [modules[s] if s >= 0 else None for s in token_slots])
         assert (linear(x, batch) - want).abs().max().item() < 1e-4
+
+
+def test_rows_beyond_a_slots_rank_are_never_read(tiny):
+    """The stacks leave rows beyond each slot's rank unwritten (here: NaN, as if a larger adapter had left them);
+    grouped with higher-rank adapters, a lower-rank one is still exact."""
+    from server.deltas.lora_reference import lora_delta_reference
+
+    gen = torch.Generator().manual_seed(5)
+    deltas = DeltaSet(tiny.model, DeltaLimits(num_slots=3, max_lora_rank=8))
+    v = "model.layers.0.self_attn.v_proj"
+    linear = tiny.model.adaptable_linears()[v]
+    shape = (linear.in_features, linear.out_features)
+    modules = {0: _random_lora(gen, shape, 2), 1: _random_lora(gen, shape, 8), 2: _random_lora(gen, shape, 5)}
+    for slot, module in modules.items():
+        deltas.place(slot, {"lora": LoraParts({v: module})})
+    site = deltas.methods["lora"].sites[v]
+    for slot, module in modules.items():
+        site.a[slot, module.rank:] = float("nan")
+        site.bt[slot, module.rank:] = float("nan")
+    token_slots = [-1, 0, 1, 1, 2]
+    batch = segment_batch(token_slots)
+    deltas.prepare(batch)
+    assert batch.method_state["lora"].groups
+    x = torch.randn(len(token_slots), linear.in_features, generator=gen)
+    want = torch.nn.functional.linear(x, linear.weight) + lora_delta_reference(
+        x, [modules[s] if s >= 0 else None for s in token_slots])
+    assert (linear(x, batch) - want).abs().max().item() < 1e-4

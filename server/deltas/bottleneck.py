@@ -4,9 +4,10 @@ Unified view: functional form act(x W_down) W_up; insertion parallel (input = th
 or sequential (input = its output); composition h <- h + s * delta on the residual stream after the
 sub-block. The multi-head parallel adapter is the parallel form at the attention sub-block.
 
-Weights live in preallocated per-(layer, sub-block) stacks with one slot per resident adapter plus an
-all-zero slot; ranks are zero-padded to DeltaLimits.max_bottleneck_rank (exact for any activation: the padded
-rows of the up projection are zero) and the scale is folded into the up projection and its bias.
+Weights live in preallocated per-(layer, sub-block) stacks with one slot per resident adapter, the scale folded
+into the up projection and its bias. Each site applies the step's groups (server/deltas/groups.py) whose
+adapters act there; their weights are gathered once per plan, lower ranks zero-padded to the group's largest
+(exact for any activation: the padded rows of the up projection are zero).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from server.model.llama import SUB_BLOCKS, CausalLM
 class GroupedWeights:
     """One site's weights for a step's groups, gathered once per plan."""
 
+    groups: SegmentGroups     # the step's groups with a module at this site
     down_t: torch.Tensor      # [G, d, r]
     down_bias: torch.Tensor   # [G, 1, r]
     up_t: torch.Tensor        # [G, r, d], scale folded in
@@ -44,44 +46,34 @@ class BottleneckSite:
     reference loop, so that their order holds.
     """
 
-    def __init__(self, limits: DeltaLimits, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
-        slots, rank = limits.num_slots + 1, limits.max_bottleneck_rank
-        self.zero_slot = limits.num_slots
-        # torch.empty: on CPU only the regions a placement writes become resident.
+    def __init__(self, limits: DeltaLimits, hidden: int, dtype: torch.dtype, device: torch.device,
+                 planner: GroupPlanner) -> None:
+        slots, rank = limits.num_slots, limits.max_bottleneck_rank
+        # torch.empty, rows beyond a slot's rank never written: on CPU only what placements write becomes
+        # resident, and the gathered copies zero their padding themselves.
         self.down = torch.empty(slots, rank, hidden, dtype=dtype, device=device)
         self.down_bias = torch.empty(slots, rank, dtype=dtype, device=device)
         self.up_t = torch.empty(slots, rank, hidden, dtype=dtype, device=device)
         self.up_bias = torch.empty(slots, hidden, dtype=dtype, device=device)
-        for stack in (self.down, self.down_bias, self.up_t, self.up_bias):
-            stack[self.zero_slot].zero_()
         self.ranks = [0] * slots  # 0: no single module here
         self.inputs = [BOTTLENECK_INPUTS[0]] * slots
         self.activations = [ACTIVATIONS[0]] * slots
         self.multi: dict[int, list[BottleneckModule]] = {}
-        # slot -> itself where it holds one module here, else the zero slot; its input and activation as
-        # indices into BOTTLENECK_INPUTS and ACTIVATIONS
-        self.slot_map = torch.full((slots,), self.zero_slot, dtype=torch.long, device=device)
-        self.input_codes = torch.zeros(slots, dtype=torch.long, device=device)
-        self.activation_codes = torch.zeros(slots, dtype=torch.long, device=device)
+        self.planner = planner
         self.gathered: GroupedWeights | None = None
         self.gathered_plan = -1
 
     def write(self, slot: int, m: BottleneckModule) -> None:
         r = m.rank
         self.down[slot, :r].copy_(m.down)
-        self.down[slot, r:].zero_()
-        self.down_bias[slot].zero_()
+        self.down_bias[slot, :r].zero_()
         if m.down_bias is not None:
             self.down_bias[slot, :r].copy_(m.down_bias)
         self.up_t[slot, :r].copy_((m.up.float() * m.scale).t())
-        self.up_t[slot, r:].zero_()
         self.up_bias[slot].zero_()
         if m.up_bias is not None:
             self.up_bias[slot].copy_(m.up_bias.float() * m.scale)
         self.ranks[slot], self.inputs[slot], self.activations[slot] = r, m.input, m.activation
-        self.slot_map[slot] = slot
-        self.input_codes[slot] = BOTTLENECK_INPUTS.index(m.input)
-        self.activation_codes[slot] = ACTIVATIONS.index(m.activation)
 
     def hold(self, slot: int, modules: list[BottleneckModule]) -> None:
         self.erase(slot)
@@ -90,7 +82,6 @@ class BottleneckSite:
     def erase(self, slot: int) -> None:
         self.ranks[slot] = 0
         self.multi.pop(slot, None)
-        self.slot_map[slot] = self.zero_slot
 
     def __call__(self, sub_in: torch.Tensor, sub_out: torch.Tensor, block_out: torch.Tensor,
                  batch: BatchDescriptor) -> None:
@@ -108,36 +99,48 @@ class BottleneckSite:
             self.gathered, self.gathered_plan = self._gather(step), step.plan_id
         w = self.gathered
         if w is not None:
-            x = step.pad(inputs[w.inputs[0][0]])                     # [G, M, d]
+            groups = w.groups
+            x = groups.pad(inputs[w.inputs[0][0]])                   # [G, M, d]
             for name, mask in w.inputs[1:]:
-                x = torch.where(mask, step.pad(inputs[name]), x)
+                x = torch.where(mask, groups.pad(inputs[name]), x)
             hid = torch.baddbmm(w.down_bias, x, w.down_t)            # [G, M, r]
             act = activate(w.activations[0][0], hid)
             for name, mask in w.activations[1:]:
                 act = torch.where(mask, activate(name, hid), act)
-            step.add_to(block_out, torch.baddbmm(w.up_bias, act, w.up_t))  # [G, M, d]
+            groups.add_to(block_out, torch.baddbmm(w.up_bias, act, w.up_t))  # [G, M, d]
         if self.multi:
             sub_in, sub_out = inputs["sublayer_input"], inputs["sublayer_output"]
             apply_bottleneck_reference(sub_in, sub_out, block_out,
                                        [(b, e, self.multi[s]) for b, e, s in step.groups if s in self.multi])
 
     def _gather(self, step: SegmentGroups) -> GroupedWeights | None:
-        """This site's weights for the step's groups; None when no group's adapter has one module here."""
-        here = [slot for _, _, slot in step.groups if self.ranks[slot]]
-        if not here:
+        """The groups with one module here and their weights; None when there are none."""
+        members = tuple(g for g, (_, _, slot) in enumerate(step.groups) if self.ranks[slot])
+        if not members:
             return None
-        r = max(self.ranks[slot] for slot in here)
-        idx = self.slot_map[step.group_slots]                        # [G]
-        input_codes = self.input_codes[idx].view(-1, 1, 1)
-        activation_codes = self.activation_codes[idx].view(-1, 1, 1)
-        inputs = list(dict.fromkeys(self.inputs[slot] for slot in here))
-        activations = list(dict.fromkeys(self.activations[slot] for slot in here))
+        groups = self.planner.subset(step, members)
+        slots = [slot for _, _, slot in groups.groups]
+        ranks = [self.ranks[slot] for slot in slots]
+        r = max(ranks)
+        idx = groups.group_slots                                     # [G]
+        down, down_bias, up_t = self.down[idx, :r], self.down_bias[idx, :r], self.up_t[idx, :r]   # copies
+        for g, rank in enumerate(ranks):
+            if rank < r:  # lower-rank adapters: zero the rows the stacks never wrote
+                down[g, rank:] = 0
+                down_bias[g, rank:] = 0
+                up_t[g, rank:] = 0
+        inputs = list(dict.fromkeys(self.inputs[slot] for slot in slots))
+        activations = list(dict.fromkeys(self.activations[slot] for slot in slots))
+
+        def mask(values: list[str], name: str) -> torch.Tensor:
+            return torch.tensor([v == name for v in values], device=idx.device).view(-1, 1, 1)   # [G, 1, 1]
+
         return GroupedWeights(
-            down_t=self.down[idx, :r].transpose(1, 2), down_bias=self.down_bias[idx, :r].unsqueeze(1),
-            up_t=self.up_t[idx, :r], up_bias=self.up_bias[idx].unsqueeze(1),
-            inputs=[(name, None if i == 0 else input_codes == BOTTLENECK_INPUTS.index(name))
+            groups=groups, down_t=down.transpose(1, 2), down_bias=down_bias.unsqueeze(1), up_t=up_t,
+            up_bias=self.up_bias[idx].unsqueeze(1),
+            inputs=[(name, None if i == 0 else mask([self.inputs[s] for s in slots], name))
                     for i, name in enumerate(inputs)],
-            activations=[(name, None if i == 0 else activation_codes == ACTIVATIONS.index(name))
+            activations=[(name, None if i == 0 else mask([self.activations[s] for s in slots], name))
                          for i, name in enumerate(activations)])
 
     def _apply_segment(self, start: int, end: int, slot: int, inputs: dict[str, torch.Tensor],
@@ -193,7 +196,8 @@ class BottleneckMethod(DeltaMethod):
         for key, modules in by_site.items():
             site = self.sites.get(key)
             if site is None:
-                site = self.sites[key] = BottleneckSite(self.limits, self.hidden, self.dtype, self.device)
+                site = BottleneckSite(self.limits, self.hidden, self.dtype, self.device, self.planner)
+                self.sites[key] = site
                 self.layers[key[0]].block_hooks[key[1]].append(site)
             if len(modules) == 1:
                 site.write(slot, modules[0])

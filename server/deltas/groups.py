@@ -81,6 +81,7 @@ class GroupPlanner:
         self.device = device
         self._last: tuple[tuple, SegmentGroups] | None = None
         self._plans = 0
+        self._subsets: dict[tuple[int, tuple[int, ...]], SegmentGroups] = {}
 
     def plan(self, batch: BatchDescriptor, segments: list[Segment], version: int) -> SegmentGroups:
         """`segments`: the batch's segments this method applies; `version`: bumped by every place/clear."""
@@ -92,10 +93,27 @@ class GroupPlanner:
         self._last = (key, step)
         return step
 
+    def subset(self, step: SegmentGroups, members: tuple[int, ...]) -> SegmentGroups:
+        """The plan restricted to the groups at `members` (indices into step.groups), for a site where only
+        their adapters act: the others would only multiply zeros. Built once per plan and member set, so the
+        sites of every layer share it."""
+        if len(members) == len(step.groups):
+            return step
+        key = (step.plan_id, members)
+        found = self._subsets.get(key)
+        if found is None:
+            if len(self._subsets) > 64:
+                self._subsets.clear()
+            found = self._subsets[key] = self._layout([step.groups[g] for g in members], [], step.plan_id)
+        return found
+
     def _build(self, segments: list[Segment]) -> SegmentGroups:
         self._plans += 1
         groups, loop = split_segments(segments)
-        step = SegmentGroups(groups=groups, loop=loop, plan_id=self._plans)
+        return self._layout(groups, loop, self._plans)
+
+    def _layout(self, groups: list[Segment], loop: list[Segment], plan_id: int) -> SegmentGroups:
+        step = SegmentGroups(groups=groups, loop=loop, plan_id=plan_id)
         if not groups:
             return step
 

@@ -2,8 +2,8 @@
 
 Unified view: functional form x W_down W_up, parallel insertion, modifies a linear's output,
 composition h <- h + s * delta. Weights live in preallocated per-site stacks with one slot per
-resident adapter (plus an all-zero slot, read where a grouped adapter does not target the site); the
-scale is folded into B at placement. Segments are grouped for batched products (server/deltas/groups.py).
+resident adapter; the scale is folded into B at placement. Segments are grouped for batched products
+(server/deltas/groups.py); each linear applies only the groups whose adapters target it.
 """
 
 from __future__ import annotations
@@ -20,34 +20,28 @@ from server.model.llama import AdaptableLinear, CausalLM
 class LoraSite:
     """Stacked LoRA weights of every slot at one linear, and the hook that applies them."""
 
-    def __init__(self, linear: AdaptableLinear, limits: DeltaLimits) -> None:
-        slots, rank = limits.num_slots + 1, limits.max_lora_rank
+    def __init__(self, linear: AdaptableLinear, limits: DeltaLimits, planner: GroupPlanner) -> None:
+        slots, rank = limits.num_slots, limits.max_lora_rank
         weight = linear.weight
-        self.zero_slot = limits.num_slots
-        # torch.empty: on CPU only the regions a placement writes become resident.
+        # torch.empty, rows beyond a slot's rank never written: on CPU only what placements write becomes
+        # resident, and the gathered copies zero their padding themselves.
         self.a = torch.empty(slots, rank, linear.in_features, dtype=weight.dtype, device=weight.device)
         self.bt = torch.empty(slots, rank, linear.out_features, dtype=weight.dtype, device=weight.device)
-        self.a[self.zero_slot].zero_()
-        self.bt[self.zero_slot].zero_()
-        self.ranks = [0] * slots
-        # slot -> itself where that slot's adapter targets this site, else the zero slot
-        self.slot_map = torch.full((slots,), self.zero_slot, dtype=torch.long, device=weight.device)
-        self.gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # the groups' ([G, in, r], [G, r, out])
+        self.ranks = [0] * slots   # 0: the slot's adapter does not target this linear
+        self.planner = planner
+        # the step's groups whose adapters target this linear, and their weights ([G, in, r], [G, r, out])
+        self.gathered: tuple[SegmentGroups, torch.Tensor, torch.Tensor] | None = None
         self.gathered_plan = -1
         linear.hooks.append(self)
 
     def write(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         r = a.shape[0]
         self.a[slot, :r].copy_(a)
-        self.a[slot, r:].zero_()
         self.bt[slot, :r].copy_((b.float() * scale).t())
-        self.bt[slot, r:].zero_()
         self.ranks[slot] = r
-        self.slot_map[slot] = slot
 
     def erase(self, slot: int) -> None:
         self.ranks[slot] = 0
-        self.slot_map[slot] = self.zero_slot
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: BatchDescriptor) -> None:
         step: SegmentGroups | None = batch.method_state.get(LoraMethod.name)
@@ -65,22 +59,30 @@ class LoraSite:
             self.gathered, self.gathered_plan = self._gather(step), step.plan_id
         if self.gathered is None:
             return
-        a_t, bt = self.gathered
+        groups, a_t, bt = self.gathered
         # Decode is bound by reading the groups' weights: two batched products, the second accumulating
         # straight into y's rows when the groups need no padding (no [G, M, out] temporary written and read back).
-        h = torch.bmm(step.pad(x), a_t)                         # [G, M, r]
-        if step.unpadded:
-            step.spanned(y).baddbmm_(h, bt)
+        h = torch.bmm(groups.pad(x), a_t)                       # [G, M, r]
+        if groups.unpadded:
+            groups.spanned(y).baddbmm_(h, bt)
         else:
-            step.add_to(y, torch.bmm(h, bt))                    # [G, M, out]
+            groups.add_to(y, torch.bmm(h, bt))                  # [G, M, out]
 
-    def _gather(self, step: SegmentGroups) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This site's weights for the step's groups; None when no group's adapter targets this site."""
-        r = max(self.ranks[slot] for _, _, slot in step.groups)
-        if not r:
+    def _gather(self, step: SegmentGroups) -> tuple[SegmentGroups, torch.Tensor, torch.Tensor] | None:
+        """The groups whose adapters target this linear, with their weights; None when there are none."""
+        members = tuple(g for g, (_, _, slot) in enumerate(step.groups) if self.ranks[slot])
+        if not members:
             return None
-        idx = self.slot_map[step.group_slots]                   # [G]
-        return self.a[idx, :r].transpose(1, 2), self.bt[idx, :r]   # [G, in, r] (a view of [G, r, in]), [G, r, out]
+        groups = self.planner.subset(step, members)
+        ranks = [self.ranks[slot] for _, _, slot in groups.groups]
+        r = max(ranks)
+        a = self.a[groups.group_slots, :r]                       # [G, r, in], a copy
+        bt = self.bt[groups.group_slots, :r]                     # [G, r, out]
+        for g, rank in enumerate(ranks):
+            if rank < r:  # lower-rank adapters: zero the rows the stacks never wrote
+                a[g, rank:] = 0
+                bt[g, rank:] = 0
+        return groups, a.transpose(1, 2), bt
 
 
 @register_method
@@ -109,7 +111,7 @@ class LoraMethod(DeltaMethod):
         for path, module in part.modules.items():
             site = self.sites.get(path)
             if site is None:
-                site = self.sites[path] = LoraSite(self.linears[path], self.limits)
+                site = self.sites[path] = LoraSite(self.linears[path], self.limits, self.planner)
             site.write(slot, module.a, module.b, module.scale)
         self.slot_has[slot] = bool(part.modules)
         self.version += 1
