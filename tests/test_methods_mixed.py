@@ -66,10 +66,22 @@ def _names(server) -> list[str]:
     return sorted(server.running.stack.store.names())
 
 
-def test_every_method_in_one_batch_matches_its_reference(served):
+@pytest.mark.parametrize("prefix_path", ["kv-blocks", "padded-copy"])
+def test_every_method_in_one_batch_matches_its_reference(served, prefix_path):
+    """Decode rows reach their prefix through their block tables; without a KV cache bound to the deltas,
+    through the padded per-row copy (the slow path, kept as an oracle of the first)."""
     stack = served.running.stack
+    if prefix_path == "padded-copy":
+        stack.deltas.bind_kv_cache(None)
+    try:
+        _check_one_batch(stack)
+    finally:
+        stack.deltas.bind_kv_cache(stack.engine.runner.kv_cache)
+
+
+def _check_one_batch(stack) -> None:
     tokenizer = stack.loaded.tokenizer
-    names = [None, *_names(served)]
+    names = [None, *sorted(stack.store.names())]
     assert len(names) == 1 + len(ADAPTERS) + 3
     seqs = []
     for i, name in enumerate(names):
