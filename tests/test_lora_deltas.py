@@ -136,3 +136,30 @@ def test_rows_beyond_a_slots_rank_are_never_read(tiny):
     want = torch.nn.functional.linear(x, linear.weight) + lora_delta_reference(
         x, [modules[s] if s >= 0 else None for s in token_slots])
     assert (linear(x, batch) - want).abs().max().item() < 1e-4
+
+
+def test_dense_slots_are_read_in_place_and_gaps_dropped(tiny):
+    """Groups whose slots fill most of the range they span read the stacks in place (no copy); a slot in that
+    range without rows in the batch (here: NaN weights) is computed and dropped."""
+    from server.deltas.lora_reference import lora_delta_reference
+
+    gen = torch.Generator().manual_seed(9)
+    deltas = DeltaSet(tiny.model, DeltaLimits(num_slots=5, max_lora_rank=8))
+    q = "model.layers.1.self_attn.q_proj"
+    linear = tiny.model.adaptable_linears()[q]
+    shape = (linear.in_features, linear.out_features)
+    modules = {slot: _random_lora(gen, shape, rank) for slot, rank in enumerate((3, 8, 6, 2, 5))}
+    for slot, module in modules.items():
+        deltas.place(slot, {"lora": LoraParts({q: module})})
+    site = deltas.methods["lora"].sites[q]
+    site.a[2] = float("nan")
+    site.bt[2] = float("nan")
+    for token_slots in ([-1, 0, 1, 1, 3, 4], [0, 1, 3, 4], [-1, 0, 4]):
+        batch = segment_batch(token_slots)
+        deltas.prepare(batch)
+        x = torch.randn(len(token_slots), linear.in_features, generator=gen)
+        want = torch.nn.functional.linear(x, linear.weight) + lora_delta_reference(
+            x, [modules[s] if s >= 0 else None for s in token_slots])
+        assert (linear(x, batch) - want).abs().max().item() < 1e-4, token_slots
+        in_place = site.gathered[0].slot_range is not None
+        assert in_place == (token_slots != [-1, 0, 4]), token_slots   # 0 and 4 alone fill 2/5 of their range

@@ -56,6 +56,7 @@ class BottleneckSite:
         self.up_t = torch.empty(slots, rank, hidden, dtype=dtype, device=device)
         self.up_bias = torch.empty(slots, hidden, dtype=dtype, device=device)
         self.ranks = [0] * slots  # 0: no single module here
+        self.zeroed = [0] * slots  # rows known to hold the slot's weights or zeros
         self.inputs = [BOTTLENECK_INPUTS[0]] * slots
         self.activations = [ACTIVATIONS[0]] * slots
         self.multi: dict[int, list[BottleneckModule]] = {}
@@ -74,6 +75,7 @@ class BottleneckSite:
         if m.up_bias is not None:
             self.up_bias[slot].copy_(m.up_bias.float() * m.scale)
         self.ranks[slot], self.inputs[slot], self.activations[slot] = r, m.input, m.activation
+        self.zeroed[slot] = r
 
     def hold(self, slot: int, modules: list[BottleneckModule]) -> None:
         self.erase(slot)
@@ -119,29 +121,40 @@ class BottleneckSite:
         if not members:
             return None
         groups = self.planner.subset(step, members)
+        r = max(self.ranks[step.groups[g][2]] for g in members)
+        if groups.slot_range is not None:
+            lo, hi = groups.slot_range
+            for g in members:
+                self._zero_to(step.groups[g][2], r)
+            down, down_bias, up_t = self.down[lo:hi + 1, :r], self.down_bias[lo:hi + 1, :r], self.up_t[lo:hi + 1, :r]
+            up_bias = self.up_bias[lo:hi + 1]                          # views, no copy
+        else:
+            idx = groups.group_slots                                   # [G]
+            down, down_bias, up_t = self.down[idx, :r], self.down_bias[idx, :r], self.up_t[idx, :r]   # copies
+            up_bias = self.up_bias[idx]
+            for g, (_, _, slot) in enumerate(groups.groups):
+                if self.ranks[slot] < r:  # lower-rank adapters: zero the rows the stacks never wrote
+                    for rows in (down, down_bias, up_t):
+                        rows[g, self.ranks[slot]:] = 0
         slots = [slot for _, _, slot in groups.groups]
-        ranks = [self.ranks[slot] for slot in slots]
-        r = max(ranks)
-        idx = groups.group_slots                                     # [G]
-        down, down_bias, up_t = self.down[idx, :r], self.down_bias[idx, :r], self.up_t[idx, :r]   # copies
-        for g, rank in enumerate(ranks):
-            if rank < r:  # lower-rank adapters: zero the rows the stacks never wrote
-                down[g, rank:] = 0
-                down_bias[g, rank:] = 0
-                up_t[g, rank:] = 0
-        inputs = list(dict.fromkeys(self.inputs[slot] for slot in slots))
-        activations = list(dict.fromkeys(self.activations[slot] for slot in slots))
 
-        def mask(values: list[str], name: str) -> torch.Tensor:
-            return torch.tensor([v == name for v in values], device=idx.device).view(-1, 1, 1)   # [G, 1, 1]
+        def choices(values: list[str]) -> list[tuple[str, torch.Tensor | None]]:
+            """(name, [G, 1, 1] mask of the groups using it) of each value in use; the first needs no mask."""
+            used = list(dict.fromkeys(values[g] for g, (start, end, _) in enumerate(groups.groups) if end > start))
+            return [(name, None if i == 0 else torch.tensor([v == name for v in values], device=down.device)
+                     .view(-1, 1, 1)) for i, name in enumerate(used)]
 
         return GroupedWeights(
             groups=groups, down_t=down.transpose(1, 2), down_bias=down_bias.unsqueeze(1), up_t=up_t,
-            up_bias=self.up_bias[idx].unsqueeze(1),
-            inputs=[(name, None if i == 0 else mask([self.inputs[s] for s in slots], name))
-                    for i, name in enumerate(inputs)],
-            activations=[(name, None if i == 0 else mask([self.activations[s] for s in slots], name))
-                         for i, name in enumerate(activations)])
+            up_bias=up_bias.unsqueeze(1), inputs=choices([self.inputs[s] for s in slots]),
+            activations=choices([self.activations[s] for s in slots]))
+
+    def _zero_to(self, slot: int, rank: int) -> None:
+        """Zeroes the slot's rows up to `rank`, beyond its own, for the products that read them in place."""
+        if self.zeroed[slot] < rank:
+            for stack in (self.down, self.down_bias, self.up_t):
+                stack[slot, self.zeroed[slot]:rank].zero_()
+            self.zeroed[slot] = rank
 
     def _apply_segment(self, start: int, end: int, slot: int, inputs: dict[str, torch.Tensor],
                        block_out: torch.Tensor) -> None:

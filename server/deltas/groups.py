@@ -19,6 +19,10 @@ from server.model.batch import BatchDescriptor
 GROUP_MAX_ROWS = 16
 # Padding may at most double the grouped rows; the longest segments leave the group until it holds.
 GROUP_MAX_PADDING = 2
+# A site reads its groups' weights straight from its stacks (a view over the slot range they span, no copy)
+# when their slots fill at least this share of that range; the other slots' products are computed and dropped.
+# Otherwise it copies the groups' weights out of the stacks, once per plan.
+RANGE_MIN_FILL = 0.75
 
 Segment = tuple[int, int, int]  # (first row, end row, slot)
 
@@ -36,6 +40,8 @@ class SegmentGroups:
     pad_index: torch.Tensor | None = None   # [G * M] row read by each padded position (otherwise)
     valid: torch.Tensor | None = None       # [n] padded positions that are real rows
     targets: torch.Tensor | None = None     # [n] their rows
+    # (lo, hi): group g holds slot lo + g (groups of slots without rows here are empty): weights are stack views
+    slot_range: tuple[int, int] | None = None
     # Same layout and placements as the previous step: every site's gathered weights are still right.
     reuse_gathered: bool = False
 
@@ -94,18 +100,29 @@ class GroupPlanner:
         return step
 
     def subset(self, step: SegmentGroups, members: tuple[int, ...]) -> SegmentGroups:
-        """The plan restricted to the groups at `members` (indices into step.groups), for a site where only
-        their adapters act: the others would only multiply zeros. Built once per plan and member set, so the
-        sites of every layer share it."""
-        if len(members) == len(step.groups):
-            return step
+        """The plan for a site where only the adapters of the groups at `members` (indices into step.groups)
+        act: the others would only multiply zeros. When their slots are dense, the groups are laid out over
+        the slot range they span (`slot_range`), so the site reads its stacks in place. Built once per plan and
+        member set, so the sites of every layer share it."""
         key = (step.plan_id, members)
         found = self._subsets.get(key)
         if found is None:
             if len(self._subsets) > 64:
                 self._subsets.clear()
-            found = self._subsets[key] = self._layout([step.groups[g] for g in members], [], step.plan_id)
+            found = self._subsets[key] = self._site_layout(step, [step.groups[g] for g in members])
         return found
+
+    def _site_layout(self, step: SegmentGroups, groups: list[Segment]) -> SegmentGroups:
+        slots = [slot for _, _, slot in groups]
+        lo, hi = min(slots), max(slots)
+        if len(set(slots)) == len(slots) and len(slots) >= RANGE_MIN_FILL * (hi - lo + 1):
+            by_slot = {slot: (start, end, slot) for start, end, slot in groups}
+            laid = self._layout([by_slot.get(slot, (0, 0, slot)) for slot in range(lo, hi + 1)], [], step.plan_id)
+            laid.slot_range = (lo, hi)
+            return laid
+        if len(groups) == len(step.groups):
+            return step
+        return self._layout(groups, [], step.plan_id)
 
     def _build(self, segments: list[Segment]) -> SegmentGroups:
         self._plans += 1
@@ -126,7 +143,8 @@ class GroupPlanner:
         if all(start == first + i * m and end - start == m for i, (start, end, _) in enumerate(groups)):
             step.span = (first, first + m * len(groups))
             return step
-        step.pad_index = tensor([start + min(j, end - start - 1) for start, end, _ in groups for j in range(m)])
+        # an empty group (a slot without rows here) reads row 0; its products are dropped
+        step.pad_index = tensor([start + max(0, min(j, end - start - 1)) for start, end, _ in groups for j in range(m)])
         step.valid = tensor([g * m + j for g, (start, end, _) in enumerate(groups) for j in range(end - start)])
         step.targets = tensor([row for start, end, _ in groups for row in range(start, end)])
         return step

@@ -28,6 +28,7 @@ class LoraSite:
         self.a = torch.empty(slots, rank, linear.in_features, dtype=weight.dtype, device=weight.device)
         self.bt = torch.empty(slots, rank, linear.out_features, dtype=weight.dtype, device=weight.device)
         self.ranks = [0] * slots   # 0: the slot's adapter does not target this linear
+        self.zeroed = [0] * slots  # rows known to hold the slot's weights or zeros
         self.planner = planner
         # the step's groups whose adapters target this linear, and their weights ([G, in, r], [G, r, out])
         self.gathered: tuple[SegmentGroups, torch.Tensor, torch.Tensor] | None = None
@@ -38,7 +39,7 @@ class LoraSite:
         r = a.shape[0]
         self.a[slot, :r].copy_(a)
         self.bt[slot, :r].copy_((b.float() * scale).t())
-        self.ranks[slot] = r
+        self.ranks[slot] = self.zeroed[slot] = r
 
     def erase(self, slot: int) -> None:
         self.ranks[slot] = 0
@@ -74,8 +75,13 @@ class LoraSite:
         if not members:
             return None
         groups = self.planner.subset(step, members)
+        r = max(self.ranks[step.groups[g][2]] for g in members)
+        if groups.slot_range is not None:
+            lo, hi = groups.slot_range
+            for g in members:
+                self._zero_to(step.groups[g][2], r)
+            return groups, self.a[lo:hi + 1, :r].transpose(1, 2), self.bt[lo:hi + 1, :r]   # views, no copy
         ranks = [self.ranks[slot] for _, _, slot in groups.groups]
-        r = max(ranks)
         a = self.a[groups.group_slots, :r]                       # [G, r, in], a copy
         bt = self.bt[groups.group_slots, :r]                     # [G, r, out]
         for g, rank in enumerate(ranks):
@@ -83,6 +89,13 @@ class LoraSite:
                 a[g, rank:] = 0
                 bt[g, rank:] = 0
         return groups, a.transpose(1, 2), bt
+
+    def _zero_to(self, slot: int, rank: int) -> None:
+        """Zeroes the slot's rows up to `rank`, beyond its own, for the products that read them in place."""
+        if self.zeroed[slot] < rank:
+            self.a[slot, self.zeroed[slot]:rank].zero_()
+            self.bt[slot, self.zeroed[slot]:rank].zero_()
+            self.zeroed[slot] = rank
 
 
 @register_method
