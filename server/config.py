@@ -58,7 +58,8 @@ class ServerConfig:
     max_waiting: int = field(default=1024, metadata=_opt("bounded waiting queue; beyond it: RESOURCE_EXHAUSTED"))
     default_max_new_tokens: int = field(default=256, metadata=_opt("when a request does not say"))
     grace_period: float = field(default=30.0, metadata=_opt("seconds in-flight requests get on SIGTERM/SIGINT"))
-    threads: int = field(default=0, metadata=_opt("torch CPU threads of the engine thread, the only thread with more than one (0 = all cores)"))
+    threads: int = field(default=0, metadata=_opt(
+        "torch CPU threads of the engine thread, the only thread with more than one (0 = all cores)"))
     metrics_port: int = field(default=9400, metadata=_opt(
         "Prometheus /metrics HTTP port (0 picks a free one, -1 turns the endpoint off)"))
     metrics_host: str = field(default="", metadata=_opt("address the metrics endpoint listens on (empty = --host)"))
