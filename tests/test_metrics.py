@@ -111,6 +111,7 @@ def test_adapter_registry_residency_and_loads(served):
     assert m.value("deltaserve_adapters_registered", method="lora") == 4
     assert m.value("deltaserve_adapters_resident", method="lora", tier="device") == 3
     assert m.value("deltaserve_adapters_resident", method="lora", tier="host") == 1
+    assert m.value("deltaserve_adapters_resident", method="lora", tier="disk") == 0
     assert m.value("deltaserve_adapter_device_slots") == 4
     assert m.value("deltaserve_adapter_load_duration_seconds_count", method="lora") == 5   # a0..a3, too-large
     assert m.value("deltaserve_adapter_load_failures_total", reason="missing_weights") == 1

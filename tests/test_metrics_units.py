@@ -161,3 +161,20 @@ def test_observer_is_safe_to_scrape_while_the_engine_thread_counts():
     finally:
         stop.set()
         thread.join()
+
+
+def test_residency_counts_every_tier():
+    from adapters_store.versions import Tier
+    from server.engine.block_manager import BlockManager
+    from server.metrics.collectors import ModelLabels, ServerStateCollector
+
+    tiers = [Tier.DEVICE, Tier.HOST, Tier.DISK, Tier.DISK]
+    versions = {f"a{i}": SimpleNamespace(methods=("lora",), tier=tier) for i, tier in enumerate(tiers)}
+    labels = ModelLabels("m", "LlamaForCausalLM", "float32", "cpu")
+    collector = ServerStateCollector(InFlight(), BlockManager(8, 4), SimpleNamespace(adapters=versions),
+                                     SimpleNamespace(num_slots=2), labels)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    for tier, count in (("device", 1), ("host", 1), ("disk", 2)):
+        assert f'deltaserve_adapters_resident{{method="lora",tier="{tier}"}} {count}.0' in text

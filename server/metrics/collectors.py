@@ -10,12 +10,13 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from adapters_store.store import AdapterStore
+from adapters_store.versions import Tier
 from server.deltas.slots import AdapterSlots
 from server.engine.block_manager import BlockManager
 from server.metrics.definitions import PREFIX, method_label
 from server.metrics.inflight import InFlight
 
-TIERS = ("device", "host")
+TIERS = tuple(tier.value for tier in Tier)   # device, host, disk
 
 
 @dataclass(frozen=True)
@@ -53,21 +54,20 @@ class ServerStateCollector(Collector):
                                 value=self.blocks.usage)
 
     def _adapters(self) -> Iterator[Metric]:
-        adapters = self.store.adapters
-        resident = self.slots.resident()
         registered: Counter[str] = Counter()
         by_tier: dict[str, Counter[str]] = {tier: Counter() for tier in TIERS}
-        for name, weights in adapters.items():
-            method = method_label(weights.methods)
+        for version in self.store.adapters.values():
+            method = method_label(version.methods)
             registered[method] += 1
-            by_tier["device" if name in resident else "host"][method] += 1
+            by_tier[version.tier.value][method] += 1
         family = GaugeMetricFamily(PREFIX + "adapters_registered", "Adapters the server can serve, by method",
                                    labels=["method"])
         for method in sorted(registered):
             family.add_metric([method], registered[method])
         yield family
         family = GaugeMetricFamily(PREFIX + "adapters_resident", "Registered adapters by where their weights are: "
-                                   "device (in a slot, servable at once) or host (in host memory only)",
+                                   "device (in a slot, servable at once), host (in host memory only) or disk "
+                                   "(in their files only)",
                                    labels=["method", "tier"])
         for method in sorted(registered):
             for tier in TIERS:
