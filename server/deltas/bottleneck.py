@@ -6,8 +6,8 @@ sub-block. The multi-head parallel adapter is the parallel form at the attention
 
 Weights live in preallocated per-(layer, sub-block) stacks with one slot per resident adapter, the scale folded
 into the up projection and its bias. Each site applies the step's groups (server/deltas/groups.py) whose
-adapters act there; their weights are gathered once per plan, lower ranks zero-padded to the group's largest
-(exact for any activation: the padded rows of the up projection are zero).
+adapters act there, reading their weights in place or gathering them once per plan, lower ranks zero-padded to
+the group's largest (exact for any activation: the padded rows of the up projection are zero).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class BottleneckSite:
                  planner: GroupPlanner) -> None:
         slots, rank = limits.num_slots, limits.max_bottleneck_rank
         # torch.empty, rows beyond a slot's rank never written: on CPU only what placements write becomes
-        # resident, and the gathered copies zero their padding themselves.
+        # resident. Gathered copies zero their padding; in-place reads zero the rows they need once (_zero_to).
         self.down = torch.empty(slots, rank, hidden, dtype=dtype, device=device)
         self.down_bias = torch.empty(slots, rank, dtype=dtype, device=device)
         self.up_t = torch.empty(slots, rank, hidden, dtype=dtype, device=device)

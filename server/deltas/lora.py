@@ -24,7 +24,7 @@ class LoraSite:
         slots, rank = limits.num_slots, limits.max_lora_rank
         weight = linear.weight
         # torch.empty, rows beyond a slot's rank never written: on CPU only what placements write becomes
-        # resident, and the gathered copies zero their padding themselves.
+        # resident. Gathered copies zero their padding; in-place reads zero the rows they need once (_zero_to).
         self.a = torch.empty(slots, rank, linear.in_features, dtype=weight.dtype, device=weight.device)
         self.bt = torch.empty(slots, rank, linear.out_features, dtype=weight.dtype, device=weight.device)
         self.ranks = [0] * slots   # 0: the slot's adapter does not target this linear
