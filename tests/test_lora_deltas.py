@@ -34,6 +34,7 @@ LAYOUTS = {
     "uneven-padded": ([1, 3, 2, 1, 4, 2], 6, 0, False),
     "long-loop": ([20] * 6, 0, 6, False),
     "mixed": ([1, 1, 30, 2, 12, 1], 4, 2, False),   # the 12-row segment would pad the others too much
+    "singles-and-a-pair": ([1, 1, 1, 1, 2, 1], 5, 1, False),   # the pair is looped, the singles grouped
 }
 
 

@@ -19,6 +19,9 @@ from server.model.batch import BatchDescriptor
 GROUP_MAX_ROWS = 16
 # Padding may at most double the grouped rows; the longest segments leave the group until it holds.
 GROUP_MAX_PADDING = 2
+# Batched products over one row per group run ~20% faster per byte than over two (measured on CPU): when at most
+# this share of the grouped segments has several rows, those are looped and the single rows grouped alone.
+MULTI_ROW_SHARE = 0.25
 # A site reads its groups' weights straight from its stacks (a view over the slot range they span, no copy)
 # when their slots fill at least this share of that range; the other slots' products are computed and dropped.
 # Otherwise it copies the groups' weights out of the stacks, once per plan.
@@ -74,6 +77,9 @@ def split_segments(segments: list[Segment]) -> tuple[list[Segment], list[Segment
     while len(short) > 1 and len(short) * (short[-1][1] - short[-1][0]) > GROUP_MAX_PADDING * rows:
         start, end, _ = short.pop()
         rows -= end - start
+    singles = [s for s in short if s[1] - s[0] == 1]
+    if len(singles) < len(short) <= len(singles) * (1 + MULTI_ROW_SHARE):
+        short = singles   # a few multi-row segments would make every single row a padded pair: loop them
     if len(short) < 2:
         return [], segments
     grouped = set(short)
