@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from adapters_store.types import ACTIVATIONS, BOTTLENECK_INPUTS, BottleneckModule, BottleneckParts, activate
-from server.deltas.base import DeltaLimits, DeltaMethod, DeltaRejected, adapter_segments, register_method
+from server.deltas.base import DeltaLimits, DeltaRejected, register_method
 from server.deltas.bottleneck_reference import apply_bottleneck_reference
-from server.deltas.groups import GroupPlanner, SegmentGroups
+from server.deltas.groups import GroupedMethod, GroupPlanner, RankedStacks, SegmentGroups
 from server.model.batch import BatchDescriptor
 from server.model.llama import SUB_BLOCKS, CausalLM
 
@@ -49,14 +49,13 @@ class BottleneckSite:
     def __init__(self, limits: DeltaLimits, hidden: int, dtype: torch.dtype, device: torch.device,
                  planner: GroupPlanner) -> None:
         slots, rank = limits.num_slots, limits.max_bottleneck_rank
-        # torch.empty, rows beyond a slot's rank never written: on CPU only what placements write becomes
-        # resident. Gathered copies zero their padding; in-place reads zero the rows they need once (_zero_to).
+        # torch.empty: only the rows placements write become resident (RankedStacks zeroes what is read beyond)
         self.down = torch.empty(slots, rank, hidden, dtype=dtype, device=device)
         self.down_bias = torch.empty(slots, rank, dtype=dtype, device=device)
         self.up_t = torch.empty(slots, rank, hidden, dtype=dtype, device=device)
         self.up_bias = torch.empty(slots, hidden, dtype=dtype, device=device)
-        self.ranks = [0] * slots  # 0: no single module here
-        self.zeroed = [0] * slots  # rows known to hold the slot's weights or zeros
+        self.stacks = RankedStacks(self.down, self.down_bias, self.up_t)
+        self.ranks = self.stacks.ranks   # slot -> rank here; 0: no single module here
         self.inputs = [BOTTLENECK_INPUTS[0]] * slots
         self.activations = [ACTIVATIONS[0]] * slots
         self.multi: dict[int, list[BottleneckModule]] = {}
@@ -74,15 +73,15 @@ class BottleneckSite:
         self.up_bias[slot].zero_()
         if m.up_bias is not None:
             self.up_bias[slot].copy_(m.up_bias.float() * m.scale)
-        self.ranks[slot], self.inputs[slot], self.activations[slot] = r, m.input, m.activation
-        self.zeroed[slot] = r
+        self.inputs[slot], self.activations[slot] = m.input, m.activation
+        self.stacks.placed(slot, r)
 
     def hold(self, slot: int, modules: list[BottleneckModule]) -> None:
         self.erase(slot)
         self.multi[slot] = modules
 
     def erase(self, slot: int) -> None:
-        self.ranks[slot] = 0
+        self.stacks.erase(slot)
         self.multi.pop(slot, None)
 
     def __call__(self, sub_in: torch.Tensor, sub_out: torch.Tensor, block_out: torch.Tensor,
@@ -117,25 +116,11 @@ class BottleneckSite:
 
     def _gather(self, step: SegmentGroups) -> GroupedWeights | None:
         """The groups with one module here and their weights; None when there are none."""
-        members = tuple(g for g, (_, _, slot) in enumerate(step.groups) if self.ranks[slot])
-        if not members:
+        found = self.stacks.gather(step, self.planner)
+        if found is None:
             return None
-        groups = self.planner.subset(step, members)
-        r = max(self.ranks[step.groups[g][2]] for g in members)
-        if groups.slot_range is not None:
-            lo, hi = groups.slot_range
-            for g in members:
-                self._zero_to(step.groups[g][2], r)
-            down, down_bias, up_t = self.down[lo:hi + 1, :r], self.down_bias[lo:hi + 1, :r], self.up_t[lo:hi + 1, :r]
-            up_bias = self.up_bias[lo:hi + 1]                          # views, no copy
-        else:
-            idx = groups.group_slots                                   # [G]
-            down, down_bias, up_t = self.down[idx, :r], self.down_bias[idx, :r], self.up_t[idx, :r]   # copies
-            up_bias = self.up_bias[idx]
-            for g, (_, _, slot) in enumerate(groups.groups):
-                if self.ranks[slot] < r:  # lower-rank adapters: zero the rows the stacks never wrote
-                    for rows in (down, down_bias, up_t):
-                        rows[g, self.ranks[slot]:] = 0
+        groups, (down, down_bias, up_t) = found
+        up_bias = groups.slot_rows(self.up_bias)
         slots = [slot for _, _, slot in groups.groups]
 
         def choices(values: list[str]) -> list[tuple[str, torch.Tensor | None]]:
@@ -148,13 +133,6 @@ class BottleneckSite:
             groups=groups, down_t=down.transpose(1, 2), down_bias=down_bias.unsqueeze(1), up_t=up_t,
             up_bias=up_bias.unsqueeze(1), inputs=choices([self.inputs[s] for s in slots]),
             activations=choices([self.activations[s] for s in slots]))
-
-    def _zero_to(self, slot: int, rank: int) -> None:
-        """Zeroes the slot's rows up to `rank`, beyond its own, for the products that read them in place."""
-        if self.zeroed[slot] < rank:
-            for stack in (self.down, self.down_bias, self.up_t):
-                stack[slot, self.zeroed[slot]:rank].zero_()
-            self.zeroed[slot] = rank
 
     def _apply_segment(self, start: int, end: int, slot: int, inputs: dict[str, torch.Tensor],
                        block_out: torch.Tensor) -> None:
@@ -172,7 +150,7 @@ class BottleneckSite:
 
 
 @register_method
-class BottleneckMethod(DeltaMethod):
+class BottleneckMethod(GroupedMethod):
     """Per-request bottleneck adapters over every layer's attention and FFN sub-blocks."""
 
     name = "bottleneck"
@@ -181,12 +159,9 @@ class BottleneckMethod(DeltaMethod):
         super().__init__(model, limits)
         self.layers = model.model.layers
         self.hidden = model.shape.hidden_size
-        self.slot_has = [False] * limits.num_slots
         self.sites: dict[tuple[int, str], BottleneckSite] = {}
         param = model.lm_head.weight
         self.dtype, self.device = param.dtype, param.device
-        self.version = 0          # bumped by every place/clear: invalidates gathered weights
-        self.planner = GroupPlanner(self.device)
 
     def check(self, part: BottleneckParts) -> None:
         for m in part.modules:
@@ -224,14 +199,3 @@ class BottleneckMethod(DeltaMethod):
 
         return dataclasses.replace(m, down=move(m.down), down_bias=move(m.down_bias), up=move(m.up),
                                    up_bias=move(m.up_bias))
-
-    def clear(self, slot: int) -> None:
-        for site in self.sites.values():
-            site.erase(slot)
-        self.slot_has[slot] = False
-        self.version += 1
-
-    def prepare(self, batch: BatchDescriptor) -> None:
-        segments = [s for s in adapter_segments(batch, self.slot_has) if s[1] > s[0]]
-        if segments:
-            batch.method_state[self.name] = self.planner.plan(batch, segments, self.version)

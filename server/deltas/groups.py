@@ -4,6 +4,9 @@ Decode batches hold many short segments (a row or a few per adapter): applying t
 of small products per segment at every site. Grouped, they take two batched products per site: the rows of G
 segments as [G, M, d] (each padded to the longest, M rows), against the G adapters' weights gathered once as
 [G, d, r] and [G, r, out]. Long segments (prefill) stay in a loop, one pair of matrix products each.
+
+GroupPlanner plans the layout per step; RankedStacks holds a site's per-slot weights and reads them for a
+layout; GroupedMethod is the part of LoRA and the bottleneck adapters that only routes slots to their sites.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from server.deltas.base import DeltaLimits, DeltaMethod, adapter_segments
 from server.model.batch import BatchDescriptor
+from server.model.llama import CausalLM
 
 # Segments of at most this many rows are grouped; longer ones are applied one by one.
 GROUP_MAX_ROWS = 16
@@ -57,6 +62,12 @@ class SegmentGroups:
         if self.pad_index is None:
             return x[self.span[0]:self.span[1]].reshape(len(self.groups), self.rows, x.shape[1])
         return x.index_select(0, self.pad_index).view(len(self.groups), self.rows, x.shape[1])
+
+    def slot_rows(self, stack: torch.Tensor) -> torch.Tensor:
+        """stack [S, ...] -> [G, ...], each group's slot: a view over slot_range, else a copy."""
+        if self.slot_range is not None:
+            return stack[self.slot_range[0]:self.slot_range[1] + 1]
+        return stack[self.group_slots]
 
     def spanned(self, out: torch.Tensor) -> torch.Tensor:
         """out [N, d] -> its grouped rows as a [G, M, d] view (only when unpadded)."""
@@ -154,3 +165,66 @@ class GroupPlanner:
         step.valid = tensor([g * m + j for g, (start, end, _) in enumerate(groups) for j in range(end - start)])
         step.targets = tensor([row for start, end, _ in groups for row in range(start, end)])
         return step
+
+
+class RankedStacks:
+    """One site's per-slot weight stacks [slots, R, ...] (rows = rank), with each slot's rank. A placement writes
+    only its rank's rows (on CPU only written memory becomes resident); products over a group read every group's
+    rows up to the largest rank, so those beyond a slot's own are zeroed where they are read."""
+
+    def __init__(self, *stacks: torch.Tensor) -> None:
+        self.stacks = stacks
+        self.ranks = [0] * stacks[0].shape[0]    # 0: nothing of the slot's adapter here
+        self.zeroed = [0] * stacks[0].shape[0]   # rows known to hold the slot's weights or zeros
+
+    def placed(self, slot: int, rank: int) -> None:
+        self.ranks[slot] = self.zeroed[slot] = rank
+
+    def erase(self, slot: int) -> None:
+        self.ranks[slot] = 0
+
+    def gather(self, step: SegmentGroups, planner: GroupPlanner) -> tuple[SegmentGroups, list[torch.Tensor]] | None:
+        """The step's groups with something here, and each stack's rows for them ([G, r, ...], r the largest
+        rank); None when no group has anything here."""
+        members = tuple(g for g, (_, _, slot) in enumerate(step.groups) if self.ranks[slot])
+        if not members:
+            return None
+        groups = planner.subset(step, members)
+        rank = max(self.ranks[step.groups[g][2]] for g in members)
+        if groups.slot_range is not None:   # views, no copy: zero the rows they read once, in the stacks
+            for start, end, slot in groups.groups:
+                if end > start and self.zeroed[slot] < rank:
+                    for stack in self.stacks:
+                        stack[slot, self.zeroed[slot]:rank].zero_()
+                    self.zeroed[slot] = rank
+            return groups, [groups.slot_rows(stack)[:, :rank] for stack in self.stacks]
+        copies = [stack[groups.group_slots, :rank] for stack in self.stacks]
+        for g, (_, _, slot) in enumerate(groups.groups):
+            if self.ranks[slot] < rank:   # zero the copies' rows the stacks never wrote
+                for rows in copies:
+                    rows[g, self.ranks[slot]:] = 0
+        return groups, copies
+
+
+class GroupedMethod(DeltaMethod):
+    """A method whose sites hold per-slot weights and apply the step's grouped segments (LoRA, bottleneck
+    adapters). Sites implement `erase(slot)`; subclasses fill `sites` and `slot_has` and bump `version` when
+    they place."""
+
+    def __init__(self, model: CausalLM, limits: DeltaLimits) -> None:
+        super().__init__(model, limits)
+        self.sites: dict = {}
+        self.slot_has = [False] * limits.num_slots
+        self.version = 0          # bumped by every place/clear: invalidates plans and gathered weights
+        self.planner = GroupPlanner(model.lm_head.weight.device)
+
+    def clear(self, slot: int) -> None:
+        for site in self.sites.values():
+            site.erase(slot)
+        self.slot_has[slot] = False
+        self.version += 1
+
+    def prepare(self, batch: BatchDescriptor) -> None:
+        segments = [s for s in adapter_segments(batch, self.slot_has) if s[1] > s[0]]
+        if segments:
+            batch.method_state[self.name] = self.planner.plan(batch, segments, self.version)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from adapters_store.types import LoraParts
-from server.deltas.base import DeltaLimits, DeltaMethod, DeltaRejected, adapter_segments, register_method
-from server.deltas.groups import GroupPlanner, SegmentGroups
+from server.deltas.base import DeltaLimits, DeltaRejected, register_method
+from server.deltas.groups import GroupedMethod, GroupPlanner, RankedStacks, SegmentGroups
 from server.model.batch import BatchDescriptor
 from server.model.llama import AdaptableLinear, CausalLM
 
@@ -23,12 +23,11 @@ class LoraSite:
     def __init__(self, linear: AdaptableLinear, limits: DeltaLimits, planner: GroupPlanner) -> None:
         slots, rank = limits.num_slots, limits.max_lora_rank
         weight = linear.weight
-        # torch.empty, rows beyond a slot's rank never written: on CPU only what placements write becomes
-        # resident. Gathered copies zero their padding; in-place reads zero the rows they need once (_zero_to).
+        # torch.empty: only the rows placements write become resident (RankedStacks zeroes what is read beyond)
         self.a = torch.empty(slots, rank, linear.in_features, dtype=weight.dtype, device=weight.device)
         self.bt = torch.empty(slots, rank, linear.out_features, dtype=weight.dtype, device=weight.device)
-        self.ranks = [0] * slots   # 0: the slot's adapter does not target this linear
-        self.zeroed = [0] * slots  # rows known to hold the slot's weights or zeros
+        self.stacks = RankedStacks(self.a, self.bt)
+        self.ranks = self.stacks.ranks   # slot -> rank here; 0: the slot's adapter does not target this linear
         self.planner = planner
         # the step's groups whose adapters target this linear, and their weights ([G, in, r], [G, r, out])
         self.gathered: tuple[SegmentGroups, torch.Tensor, torch.Tensor] | None = None
@@ -39,10 +38,10 @@ class LoraSite:
         r = a.shape[0]
         self.a[slot, :r].copy_(a)
         self.bt[slot, :r].copy_((b.float() * scale).t())
-        self.ranks[slot] = self.zeroed[slot] = r
+        self.stacks.placed(slot, r)
 
     def erase(self, slot: int) -> None:
-        self.ranks[slot] = 0
+        self.stacks.erase(slot)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, batch: BatchDescriptor) -> None:
         step: SegmentGroups | None = batch.method_state.get(LoraMethod.name)
@@ -71,35 +70,15 @@ class LoraSite:
 
     def _gather(self, step: SegmentGroups) -> tuple[SegmentGroups, torch.Tensor, torch.Tensor] | None:
         """The groups whose adapters target this linear, with their weights; None when there are none."""
-        members = tuple(g for g, (_, _, slot) in enumerate(step.groups) if self.ranks[slot])
-        if not members:
+        found = self.stacks.gather(step, self.planner)
+        if found is None:
             return None
-        groups = self.planner.subset(step, members)
-        r = max(self.ranks[step.groups[g][2]] for g in members)
-        if groups.slot_range is not None:
-            lo, hi = groups.slot_range
-            for g in members:
-                self._zero_to(step.groups[g][2], r)
-            return groups, self.a[lo:hi + 1, :r].transpose(1, 2), self.bt[lo:hi + 1, :r]   # views, no copy
-        ranks = [self.ranks[slot] for _, _, slot in groups.groups]
-        a = self.a[groups.group_slots, :r]                       # [G, r, in], a copy
-        bt = self.bt[groups.group_slots, :r]                     # [G, r, out]
-        for g, rank in enumerate(ranks):
-            if rank < r:  # lower-rank adapters: zero the rows the stacks never wrote
-                a[g, rank:] = 0
-                bt[g, rank:] = 0
+        groups, (a, bt) = found
         return groups, a.transpose(1, 2), bt
-
-    def _zero_to(self, slot: int, rank: int) -> None:
-        """Zeroes the slot's rows up to `rank`, beyond its own, for the products that read them in place."""
-        if self.zeroed[slot] < rank:
-            self.a[slot, self.zeroed[slot]:rank].zero_()
-            self.bt[slot, self.zeroed[slot]:rank].zero_()
-            self.zeroed[slot] = rank
 
 
 @register_method
-class LoraMethod(DeltaMethod):
+class LoraMethod(GroupedMethod):
     """Per-request LoRA over all adaptable linears."""
 
     name = "lora"
@@ -108,9 +87,6 @@ class LoraMethod(DeltaMethod):
         super().__init__(model, limits)
         self.linears = model.adaptable_linears()
         self.sites: dict[str, LoraSite] = {}
-        self.slot_has = [False] * limits.num_slots
-        self.version = 0          # bumped by every place/clear: invalidates gathered weights
-        self.planner = GroupPlanner(model.lm_head.weight.device)
 
     def check(self, part: LoraParts) -> None:
         for path, module in part.modules.items():
@@ -128,14 +104,3 @@ class LoraMethod(DeltaMethod):
             site.write(slot, module.a, module.b, module.scale)
         self.slot_has[slot] = bool(part.modules)
         self.version += 1
-
-    def clear(self, slot: int) -> None:
-        for site in self.sites.values():
-            site.erase(slot)
-        self.slot_has[slot] = False
-        self.version += 1
-
-    def prepare(self, batch: BatchDescriptor) -> None:
-        segments = [s for s in adapter_segments(batch, self.slot_has) if s[1] > s[0]]
-        if segments:
-            batch.method_state[self.name] = self.planner.plan(batch, segments, self.version)
