@@ -48,6 +48,22 @@ def decode_throughput(engine: Engine, requests: list[GenerationRequest]) -> floa
     return sum(n for _, n in decode[1:]) / (decode[-1][0] - decode[0][0])
 
 
+def generate_decode_throughput(model: Any, enc: dict, new_tokens: int, **kwargs: Any) -> float:
+    """Tokens/s of Hugging Face `generate` (greedy) over the steps after the first: a 1-token run's time (the
+    prefill) is subtracted from a `new_tokens` run's. `kwargs` go to both (pad_token_id, adapter_names...)."""
+    import torch
+
+    kwargs = dict(do_sample=False, **kwargs)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(**enc, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        total = time.perf_counter() - start
+    return enc["input_ids"].shape[0] * (new_tokens - 1) / (total - prefill)
+
+
 def emit(results: dict[str, Any], as_json: bool, out_path: str | None = None) -> None:
     text = json.dumps(results, indent=2)
     if out_path:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import PROMPTS, decode_throughput, emit, requests_for  # noqa: E402
+from benchmarks.common import PROMPTS, decode_throughput, emit, generate_decode_throughput, requests_for  # noqa: E402
 from deltaserve.v1 import generation_pb2 as pb  # noqa: E402
 from tests.helpers import ServerThread  # noqa: E402
 
@@ -72,15 +72,7 @@ def late_arrival(server: ServerThread, running: int = 8, new_tokens: int = 128) 
 def hf_decode_throughput(hf, tokenizer, prompts: list[str], new_tokens: int) -> float:
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    kwargs = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        hf.generate(**enc, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        hf.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        total = time.perf_counter() - start
-    return len(prompts) * (new_tokens - 1) / (total - prefill)
+    return generate_decode_throughput(hf, enc, new_tokens, pad_token_id=tokenizer.pad_token_id or 0)
 
 
 def batch_throughput(server: ServerThread, repeats: int, batch: int = 32, new_tokens: int = 64) -> dict[str, float]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import PROMPTS, emit  # noqa: E402
+from benchmarks.common import PROMPTS, emit, generate_decode_throughput  # noqa: E402
 from benchmarks.lora_fixtures import ALL_LINEARS, QV  # noqa: E402
 
 
@@ -33,18 +32,6 @@ def gathered_weights(model: torch.nn.Module, rank: int, rows: int, targets: tupl
             bt = torch.randn(rows, rank, module.out_features, generator=gen) * 0.02
             weights[name] = (a.transpose(1, 2), bt)
     return weights
-
-
-def decode_tok_s(model: torch.nn.Module, enc: dict, pad_id: int, new_tokens: int) -> float:
-    kwargs = dict(do_sample=False, pad_token_id=pad_id)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        model.generate(**enc, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        total = time.perf_counter() - start
-    return enc["input_ids"].shape[0] * (new_tokens - 1) / (total - prefill)
 
 
 def main() -> None:
@@ -71,12 +58,13 @@ def main() -> None:
     def hook(a_t: torch.Tensor, bt: torch.Tensor):  # noqa: ANN202
         return lambda module, inputs, out: out.add_(torch.bmm(torch.bmm(inputs[0], a_t), bt))
 
+    pad = tokenizer.pad_token_id or 0
     runs: dict[str, list[float]] = {"hf_base": [], "hf_gather_bmm": []}
     for _ in range(args.repeats):
-        runs["hf_base"].append(decode_tok_s(model, enc, tokenizer.pad_token_id or 0, args.new_tokens))
+        runs["hf_base"].append(generate_decode_throughput(model, enc, args.new_tokens, pad_token_id=pad))
         handles = [module.register_forward_hook(hook(*weights[name]))
                    for name, module in model.named_modules() if name in weights]
-        runs["hf_gather_bmm"].append(decode_tok_s(model, enc, tokenizer.pad_token_id or 0, args.new_tokens))
+        runs["hf_gather_bmm"].append(generate_decode_throughput(model, enc, args.new_tokens, pad_token_id=pad))
         for handle in handles:
             handle.remove()
     best = {key: max(values) for key, values in runs.items()}

@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
-from benchmarks.common import PROMPTS, decode_throughput, emit, requests_for  # noqa: E402
+from benchmarks.common import PROMPTS, decode_throughput, emit, generate_decode_throughput, requests_for  # noqa: E402
 from benchmarks.lora_fixtures import ALL_LINEARS, QV, write_peft_lora  # noqa: E402
 from server.app import build_stack, load  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
+from tests.helpers import load_peft_adapters  # noqa: E402
 
 SHAPES = {"r8-qv": (8, QV), "r16-all": (16, ALL_LINEARS)}
 DISTINCT = (1, 4, 16, 32, 64)
@@ -31,28 +31,8 @@ DISTINCT = (1, 4, 16, 32, 64)
 def peft_decode_throughput(peft_model, tokenizer, prompts: list[str], names: list[str], new_tokens: int) -> float:
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    kwargs = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id or 0, adapter_names=names)
-    import time
-
-    with torch.inference_mode():
-        start = time.perf_counter()
-        peft_model.generate(**enc, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        peft_model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        total = time.perf_counter() - start
-    return len(prompts) * (new_tokens - 1) / (total - prefill)
-
-
-def load_peft(model_dir: Path, root: Path, names: list[str]):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(root / name, adapter_name=name)
-    return model.eval()
+    return generate_decode_throughput(peft_model, enc, new_tokens, pad_token_id=tokenizer.pad_token_id or 0,
+                                      adapter_names=names)
 
 
 def measure_shape(shape_name: str, batch: int, new_tokens: int, repeats: int, peft: bool) -> dict:
@@ -68,7 +48,7 @@ def measure_shape(shape_name: str, batch: int, new_tokens: int, repeats: int, pe
     engine = stack.engine
     engine.start()
     runs: dict[str, list[float]] = {}
-    peft_model = load_peft(loaded.path, root, names[:batch]) if peft else None
+    peft_model = load_peft_adapters(loaded.path, root, names[:batch]) if peft else None
     try:
         for _ in range(repeats):
             for n in DISTINCT:

@@ -101,3 +101,27 @@ def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_peft_adapters(model_dir: Any, adapters_dir: Any, names: list[str]) -> Any:
+    """The model in fp32 as a PeftModel holding every named adapter (read from adapters_dir / name)."""
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, Path(adapters_dir) / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(Path(adapters_dir) / name, adapter_name=name)
+    return model.eval()
+
+
+def peft_last_logits(peft_model: Any, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """PEFT's own forward of one sequence with one adapter (None: the base model): the last position's logits."""
+    with torch.inference_mode():
+        if adapter is None:
+            with peft_model.disable_adapter():
+                return peft_model(input_ids=torch.tensor([ids])).logits[0, -1]
+        peft_model.set_adapter(adapter)
+        return peft_model(input_ids=torch.tensor([ids])).logits[0, -1]

@@ -16,7 +16,7 @@ from server.config import ServerConfig
 from server.engine.request import GenerationRequest, SamplingParams, Sequence, StoppingParams
 from server.engine.scheduler import ScheduledStep
 from server.model.loader import load_model
-from tests.helpers import chat_ids, run_engine
+from tests.helpers import chat_ids, load_peft_adapters, peft_last_logits, run_engine
 
 pytestmark = pytest.mark.integration
 
@@ -64,23 +64,7 @@ def adapters_dir(tmp_path_factory, default_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def peft_model(adapters_dir, default_model_dir):
-    from peft import PeftModel
-
-    base = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-    names = list(ADAPTERS)
-    model = PeftModel.from_pretrained(base, adapters_dir / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapters_dir / name, adapter_name=name)
-    return model.eval()
-
-
-def _peft_logits(peft_model, adapter: str | None, ids: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        if adapter is None:
-            with peft_model.disable_adapter():
-                return peft_model(torch.tensor([ids])).logits[0, -1]
-        peft_model.set_adapter(adapter)
-        return peft_model(torch.tensor([ids])).logits[0, -1]
+    return load_peft_adapters(default_model_dir, adapters_dir, list(ADAPTERS))
 
 
 def _peft_greedy(peft_model, adapter: str | None, ids: list[int]) -> list[int]:
@@ -118,11 +102,11 @@ def test_mixed_batch_logits_match_peft(stack, peft_model):
             stack.engine.blocks.allocate(seq)
         ordered, logits = stack.engine.runner.run(step)
         for seq, row in zip(ordered, logits, strict=True):
-            want = _peft_logits(peft_model, seq.adapter_id or None, seq.all_ids)
+            want = peft_last_logits(peft_model, seq.adapter_id or None, seq.all_ids)
             diff = (row - want).abs().max().item()
             assert diff < LOGIT_TOL, f"round {round_}, {seq.adapter_id or 'base'}: max |diff| {diff:.2e}"
             if seq.adapter_id:  # the adapter really changes the output, so the comparison means something
-                assert (want - _peft_logits(peft_model, None, seq.all_ids)).abs().max().item() > 20 * LOGIT_TOL
+                assert (want - peft_last_logits(peft_model, None, seq.all_ids)).abs().max().item() > 20 * LOGIT_TOL
             seq.output_ids.append(int(want.argmax()))
         step = ScheduledStep(decodes=list(seqs))
     for seq in seqs:

@@ -16,7 +16,7 @@ from server.config import ServerConfig
 from server.engine.request import GenerationRequest, SamplingParams, Sequence, StoppingParams
 from server.engine.scheduler import ScheduledStep
 from server.model.loader import load_model
-from tests.helpers import chat_ids, run_engine
+from tests.helpers import chat_ids, load_peft_adapters, peft_last_logits, run_engine
 
 pytestmark = pytest.mark.integration
 
@@ -48,22 +48,7 @@ def adapters_dir(tmp_path_factory, default_model_dir):
 
 @pytest.fixture(scope="module")
 def peft_model(adapters_dir, default_model_dir):
-    from peft import PeftModel
-
-    base = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-    model = PeftModel.from_pretrained(base, adapters_dir / NAMES[0], adapter_name=NAMES[0])
-    for name in NAMES[1:]:
-        model.load_adapter(adapters_dir / name, adapter_name=name)
-    return model.eval()
-
-
-def _peft_logits(peft_model, adapter: str | None, ids: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        if adapter is None:
-            with peft_model.disable_adapter():
-                return peft_model(input_ids=torch.tensor([ids])).logits[0, -1]
-        peft_model.set_adapter(adapter)
-        return peft_model(input_ids=torch.tensor([ids])).logits[0, -1]
+    return load_peft_adapters(default_model_dir, adapters_dir, NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +74,11 @@ def test_mixed_batch_logits_match_peft_forward(stack, peft_model):
             stack.engine.blocks.allocate(seq)
         ordered, logits = stack.engine.runner.run(step)
         for seq, row in zip(ordered, logits, strict=True):
-            want = _peft_logits(peft_model, seq.adapter_id or None, seq.all_ids)
+            want = peft_last_logits(peft_model, seq.adapter_id or None, seq.all_ids)
             diff = (row - want).abs().max().item()
             assert diff < LOGIT_TOL, f"round {round_}, {seq.adapter_id or 'base'}: max |diff| {diff:.2e}"
             if seq.adapter_id:
-                assert (want - _peft_logits(peft_model, None, seq.all_ids)).abs().max().item() > 20 * LOGIT_TOL
+                assert (want - peft_last_logits(peft_model, None, seq.all_ids)).abs().max().item() > 20 * LOGIT_TOL
             seq.output_ids.append(int(want.argmax()))
         step = ScheduledStep(decodes=list(seqs))
     for seq in seqs:
@@ -122,7 +107,7 @@ def test_concurrent_greedy_equals_greedy_loop_over_peft_forward(stack, peft_mode
             ids = chat_ids(stack.loaded.tokenizer, PROMPTS[i % len(PROMPTS)])
             want: list[int] = []
             for _ in range(NEW_TOKENS):
-                want.append(int(_peft_logits(peft_model, adapter, ids + want).argmax()))
+                want.append(int(peft_last_logits(peft_model, adapter, ids + want).argmax()))
             assert results[i] == want, f"row {i} ({adapter or 'base'})"
     finally:
         engine.shutdown(0)
