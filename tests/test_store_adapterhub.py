@@ -20,10 +20,11 @@ from tests.fixtures.hub import (
     edit_hub_tensors,
     expected,
     hub_model,
+    prefix_mlp_bound,
 )
 from tests.fixtures.reference import parts_logits, reference_logits
+from tests.tolerance import model_logit_tolerance
 
-TOLERANCE = 1e-4
 POOL = "model.layers.{}.self_attn.prefix_tuning.pool.prefix_tunings.prefix_tuning.self_prefix."
 CANONICAL = "model.prefix_tuning.prefix_tunings.prefix_tuning.self_prefix."
 
@@ -36,6 +37,10 @@ def spec() -> ModelSpec:
 def _max_diff(parts: dict, name: str) -> float:
     return max(float((parts_logits(hub_model(), expected()[f"input_ids.{i}"], parts) - expected()[f"{name}.{i}"])
                      .abs().max()) for i in range(NUM_INPUTS))
+
+
+def _tolerance(name: str, spec: ModelSpec) -> float:
+    return min(model_logit_tolerance(spec, expected()[f"{name}.{i}"]) for i in range(NUM_INPUTS))
 
 
 def test_fixtures_are_small_and_hold_no_stray_pickle() -> None:
@@ -59,7 +64,7 @@ def test_the_reference_forward_is_the_model_s_forward() -> None:
 def test_adapter_parts_reproduce_adapterhub_logits(name: str, spec: ModelSpec) -> None:
     weights = load_adapter(name, HUB / name, spec)
     assert weights.format == "adapterhub"
-    assert _max_diff(weights.parts, name) < TOLERANCE
+    assert _max_diff(weights.parts, name) < _tolerance(name, spec)
     for i in range(NUM_INPUTS):  # the fixture is not trivially close to the base model
         assert float((expected()[f"{name}.{i}"] - expected()[f"base.{i}"]).abs().max()) > 0.05
 
@@ -115,7 +120,10 @@ def test_per_layer_prefix_copies_are_deduplicated(keep_canonical: bool, tmp_path
     edit_hub_tensors(path, lambda t: _with_copies(t, keep_canonical))
     got = load_adapter("a", path, spec).parts["prefix"]
     want = load_adapter("b", HUB / "prefix_tuning", spec).parts["prefix"]
-    assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    # One prefix MLP evaluated on the same values read from two files: the kernels may sum in other orders (memory
+    # alignment picks them), so equal up to the MLP's rounding bound, not bit for bit.
+    bound = prefix_mlp_bound(HUB / "prefix_tuning")
+    assert (got.keys - want.keys).abs().max() <= bound and (got.values - want.values).abs().max() <= bound
 
 
 def test_a_differing_prefix_copy_is_refused(tmp_path: Path, spec: ModelSpec) -> None:

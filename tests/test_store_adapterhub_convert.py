@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from adapters_store import ModelSpec, load_adapter
 from adapters_store.convert import PREFIX_POOL, ConvertError, convert_adapter, dedup_prefix_copies
 from server.cli import main as cli
-from tests.fixtures.hub import HUB, NUM_INPUTS, REFUSED, expected, hub_model
+from tests.fixtures.hub import HUB, NUM_INPUTS, REFUSED, expected, hub_model, prefix_mlp_bound
 from tests.fixtures.reference import parts_logits
 from tests.store_fixtures import make_peft_lora, tiny_llama
+from tests.tolerance import model_logit_tolerance
 
 pytestmark = [pytest.mark.filterwarnings("ignore:::peft"),
               pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")]
@@ -29,10 +30,12 @@ def test_convert_resolves_prefix_copies_and_serves_like_adapterhub(tmp_path: Pat
     spec = ModelSpec.from_hf_model(hub_model())
     converted = load_adapter("mam", tmp_path / "mam", spec)
     committed = load_adapter("mam", HUB / "mam", spec)
-    assert torch.equal(converted.parts["prefix"].keys, committed.parts["prefix"].keys)
+    diff = (converted.parts["prefix"].keys - committed.parts["prefix"].keys).abs().max()
+    assert diff <= prefix_mlp_bound(HUB / "mam")  # the same MLP on the same values from another file
     for i in range(NUM_INPUTS):
         got = parts_logits(hub_model(), expected()[f"input_ids.{i}"], converted.parts)
-        assert (got - expected()[f"mam.{i}"]).abs().max() < 1e-4
+        want = expected()[f"mam.{i}"]
+        assert (got - want).abs().max() < model_logit_tolerance(spec, want)
 
 
 def test_the_cli_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,6 +19,7 @@ from adapters_store.types import BottleneckModule, BottleneckParts, LoraParts
 from tests.fixtures.hub import ADAPTERS, HUB, NUM_INPUTS, expected, hub_model
 from tests.fixtures.reference import parts_logits
 from tests.store_fixtures import make_peft_lora
+from tests.tolerance import model_logit_tolerance
 
 pytestmark = [pytest.mark.filterwarnings("ignore:::peft"),
               pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")]
@@ -87,7 +88,8 @@ def test_a_combination_of_every_method_round_trips(tmp_path: Path, spec: ModelSp
     _same_parts(combo.parts, loaded.parts)
     ids = expected()["input_ids.2"]
     want = parts_logits(hub_model(), ids, combo.parts)
-    assert torch.equal(parts_logits(hub_model(), ids, loaded.parts), want)
+    # bit-equal parts, but read from a file: other memory alignment may pick other kernels
+    assert (parts_logits(hub_model(), ids, loaded.parts) - want).abs().max() < model_logit_tolerance(spec, want)
     for method in combo.parts:  # every method contributes to the output
         without = {k: v for k, v in combo.parts.items() if k != method}
         assert (parts_logits(hub_model(), ids, without) - want).abs().max() > 1e-2, method
