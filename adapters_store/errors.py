@@ -12,11 +12,23 @@ REASONS = frozenset({
     "unknown_module",      # a tensor for a module the served model does not have
     "untargeted_module",   # a tensor for a module the adapter's own config does not target
     "non_finite",          # NaN or Inf in a tensor (or after conversion to the served dtype)
+    "out_of_range",        # a weight beyond any trained range (|w| > 65504, float16's largest finite value)
     "bad_dtype",           # a tensor that is not floating point
     "unsupported_option",  # an option or tensor kind this server cannot apply faithfully
     "unknown_format",      # no registered format reader recognises the config
     "load_failed",         # anything unexpected while loading (an I/O error, a bug): logged with its traceback
 })
+
+
+QUOTE_LIMIT = 64
+
+
+def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """`text` as a message quotes user input: its repr, cut short past `limit` characters (saying how long it was),
+    so an error never echoes unbounded input back."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class AdapterError(Exception):
@@ -46,4 +58,4 @@ class AdapterNotFound(KeyError):
 
     def __str__(self) -> str:
         # KeyError's own str() is the repr of its key, which reads badly in logs and gRPC details.
-        return f"adapter {self.name!r} not found" + (f": {self.detail}" if self.detail else "")
+        return f"adapter {quote(self.name)} not found" + (f": {self.detail}" if self.detail else "")

@@ -100,6 +100,7 @@ class AdapterVersion:
     last_used: float = 0.0        # unix time a request last asked for it; 0 = never
     device_slot: int = -1         # set by the device tier while the version sits in a slot
     retired: bool = False         # superseded or unloaded: never given to a new request again
+    nonfinite_outputs: int = 0    # requests it failed because their logits were not finite (engine thread writes)
 
     @classmethod
     def of(cls, weights: AdapterWeights, version: int, fp: Fingerprint, pinned: bool,

@@ -14,11 +14,6 @@ ADMIN_TOKEN_ENV = "DELTASERVE_ADMIN_TOKEN"
 _PREFIXES = {apb.AdapterState: "ADAPTER_STATE_", apb.ResidencyTier: "RESIDENCY_TIER_"}
 
 
-def admin_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """The metadata an admin call carries: `authorization: Bearer <token>` when a token is given."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
 def _enum(kind: Any, value: int) -> str:
     """ADAPTER_STATE_READY -> "ready"; the UNSPECIFIED value -> ""."""
     try:
@@ -72,9 +67,10 @@ def add_adapters(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run_adapters(args: argparse.Namespace) -> int:
+    from clients.cli import connection
     from clients.client import DeltaClient
 
-    with DeltaClient(args.target, timeout=args.timeout, admin_token=args.admin_token) as client:
+    with DeltaClient(args.target, admin_token=args.admin_token, **connection(args)) as client:
         if args.action == "list":
             adapters = client.list_adapters()
             print(json.dumps(adapters, ensure_ascii=False) if args.json else format_adapter_table(adapters))

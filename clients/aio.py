@@ -7,7 +7,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.adapters import adapter_info_to_dict, admin_metadata
+from clients.adapters import adapter_info_to_dict
+from clients.channel import TlsOptions, bearer, open_aio_channel
 from clients.client import DEFAULT_TARGET, Metadata, health_status_name, model_info_to_dict
 from clients.messages import GenerationResult, StreamEvent, build_request, event_from_pb, result_from_pb
 from deltaserve.v1 import adapters_pb2 as apb
@@ -61,16 +62,17 @@ class AsyncDeltaClient:
     and use it as an async context manager to close the channel.
 
     `timeout` (seconds) is the deadline of every call (for a stream, of the whole stream); `metadata`
-    (key, value) pairs are sent with every call; `admin_token` is sent with the adapter admin calls.
+    (key, value) pairs are sent with every call; `api_key` with the inference calls, `admin_token` with the adapter
+    admin calls; `tls` makes it a TLS channel (mutual TLS with a client certificate).
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, metadata: Metadata = (),
-                 admin_token: str | None = None) -> None:
+                 admin_token: str | None = None, api_key: str | None = None, tls: TlsOptions | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self.metadata = tuple(metadata)
-        self._admin_metadata = self.metadata + admin_metadata(admin_token)
-        self._channel = grpc.aio.insecure_channel(target)
+        self._admin_metadata = tuple(metadata) + bearer(admin_token)
+        self.metadata = tuple(metadata) + bearer(api_key)
+        self._channel = open_aio_channel(target, tls)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._adapters = apb_grpc.AdaptersStub(self._channel)

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from clients.adapters import add_adapters
+from clients.channel import API_KEY_ENV, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TlsOptions
 from clients.client import DEFAULT_TARGET, DeltaClient
 from clients.messages import GenerationResult, TokenChunk
 
@@ -31,11 +32,25 @@ def _common_options() -> argparse.ArgumentParser:
                         help=f"server host:port (default: ${TARGET_ENV}, else {DEFAULT_TARGET})")
     common.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="deadline of the call (default: none)")
+    tls = TlsOptions.from_env()
+    common.add_argument("--tls-ca", default=tls.ca, metavar="PEM",
+                        help=f"connect over TLS, trusting this CA bundle (env {TLS_CA_ENV})")
+    common.add_argument("--tls-cert", default=tls.cert, metavar="PEM",
+                        help=f"client certificate for mutual TLS (env {TLS_CERT_ENV})")
+    common.add_argument("--tls-key", default=tls.key, metavar="PEM", help=f"its private key (env {TLS_KEY_ENV})")
+    common.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
+                        help=f"API key for inference calls (env {API_KEY_ENV}; prefer the env var: flags show in ps)")
     return common
 
 
+def connection(args: argparse.Namespace) -> dict[str, Any]:
+    """The DeltaClient keywords the common options give: deadline, TLS files, API key."""
+    return {"timeout": args.timeout, "tls": TlsOptions(args.tls_ca, args.tls_cert, args.tls_key),
+            "api_key": args.api_key}
+
+
 def _client(args: argparse.Namespace) -> DeltaClient:
-    return DeltaClient(args.target, timeout=args.timeout)
+    return DeltaClient(args.target, **connection(args))
 
 
 def _print_json(value: Any) -> None:

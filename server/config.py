@@ -60,6 +60,20 @@ class ServerConfig:
     grace_period: float = field(default=30.0, metadata=_opt("seconds in-flight requests get on SIGTERM/SIGINT"))
     threads: int = field(default=0, metadata=_opt(
         "torch CPU threads of the engine thread, the only thread with more than one (0 = all cores)"))
+    http_port: int = field(default=8000, metadata=_opt(
+        "OpenAI-compatible HTTP API port (0 picks a free one, -1 turns it off)"))
+    http_host: str = field(default="", metadata=_opt("address the HTTP API listens on (empty = --host)"))
+    max_top_logprobs: int = field(default=20, metadata=_opt(
+        "most alternatives a request may ask for per token (OpenAI top_logprobs)"))
+    api_key: str = field(default="", repr=False, metadata=_opt(
+        "when set (or --api-key-file), inference calls need 'authorization: Bearer <key>' (gRPC metadata or HTTP "
+        "header); health and reflection stay open"))
+    api_key_file: str = field(default="", metadata=_opt("a file of accepted API keys, one per line"))
+    tls_cert: str = field(default="", metadata=_opt(
+        "PEM certificate chain: serve gRPC and HTTP over TLS (re-read when the file changes)"))
+    tls_key: str = field(default="", metadata=_opt("PEM private key of --tls-cert"))
+    tls_client_ca: str = field(default="", metadata=_opt(
+        "PEM CA bundle: require client certificates signed by it (mutual TLS)"))
     metrics_port: int = field(default=9400, metadata=_opt(
         "Prometheus /metrics HTTP port (0 picks a free one, -1 turns the endpoint off)"))
     metrics_host: str = field(default="", metadata=_opt("address the metrics endpoint listens on (empty = --host)"))
@@ -85,6 +99,14 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in 0..65535, or -1 for no HTTP API; got {self.http_port}")
+        if self.max_top_logprobs < 0:
+            raise ValueError(f"max_top_logprobs must not be negative, got {self.max_top_logprobs}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS first)")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0..65535, or -1 for no endpoint; got {self.metrics_port}")
         if self.metrics_top_adapters < 0:

@@ -16,6 +16,7 @@ from server.engine.request import GenerationRequest
 from server.metrics import ServerMetrics
 from server.service.server import (
     RunningServer,
+    Security,
     install_signal_handlers,
     mark_serving,
     model_info_provider,
@@ -74,7 +75,8 @@ async def start(config: ServerConfig) -> Serving:
     engine = stack.engine
     engine.start()
     info = model_info_provider(loaded, engine, lambda: adapter_summaries(stack))
-    running = await start_server(engine, info, config.host, config.port, stack.adapters.manager, config.admin_token)
+    running = await start_server(engine, info, config.host, config.port, stack.adapters.manager,
+                                 security=Security.from_config(config))
     if not config.admin_token:
         log.warning("the Adapters admin API is open to anyone who can reach port %d: set --admin-token "
                     "(or DELTASERVE_ADMIN_TOKEN) to require a bearer token", running.port)

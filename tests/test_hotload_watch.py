@@ -1,4 +1,4 @@
-"""Watching --adapters-dir through a real server (tiny model): a new directory is served within 2 s, a
+"""Watching --adapters-dir through a real server (tiny model): a new directory is served, a
 half-written one is not, changed files make a new version, a removed directory goes once its requests end."""
 
 from __future__ import annotations

@@ -315,7 +315,9 @@ def test_overflow_in_the_served_dtype_is_refused(tmp_path: Path, base: torch.nn.
     with pytest.raises(AdapterError, match="after conversion from torch.float32 to torch.float16") as info:
         load_adapter("big", path, spec)
     assert info.value.reason == "non_finite"
-    assert load_adapter("big", path, ModelSpec.from_hf_model(base)).name == "big"
+    with pytest.raises(AdapterError, match="beyond 65504") as info:   # served in fp32: beyond any trained range
+        load_adapter("big", path, ModelSpec.from_hf_model(base))
+    assert info.value.reason == "out_of_range"
 
 
 def test_the_lora_reader_refuses_other_peft_types(tmp_path: Path, base: torch.nn.Module) -> None:

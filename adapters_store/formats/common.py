@@ -27,11 +27,22 @@ def served_tensor(adapter: str, file: Path, key: str, tensor: torch.Tensor, shap
     return to_served(adapter, file, key, tensor, dtype)
 
 
+# Adapters are trained and shipped in float16/bfloat16 as often as in float32; a weight beyond float16's range cannot
+# have come from such training and would overflow when served in half precision. Trained adapter weights sit many
+# orders of magnitude below this, so no real adapter is refused; an adapter scaled into overflow (×1e19) is.
+MAX_WEIGHT_MAGNITUDE = 65504.0
+
+
 def to_served(adapter: str, file: Path, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Contiguous CPU tensor in the served dtype; refuses values that overflow it."""
+    """Contiguous CPU tensor in the served dtype; refuses values that overflow it or lie beyond any trained range."""
     out = tensor.to(device="cpu", dtype=dtype).contiguous()
     if out.dtype != tensor.dtype:
         check_finite(adapter, file, key, out, after=f" after conversion from {tensor.dtype} to {dtype}")
+    largest = float(out.abs().max()) if out.numel() else 0.0
+    if largest > MAX_WEIGHT_MAGNITUDE:
+        raise AdapterError("out_of_range", f"tensor {key!r} in {file.name} holds a value of magnitude {largest:.3g}; "
+                           f"adapter weights beyond {MAX_WEIGHT_MAGNITUDE:g} are refused (no trained adapter has "
+                           "them; they overflow in half precision)", adapter=adapter, path=str(file))
     return out
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from adapters_store.errors import AdapterError
+from adapters_store.formats.common import to_served
 from adapters_store.formats.peft_lora_config import LoraSettings, check_options, parse_settings
-from adapters_store.safetensors_io import check_finite, find_weights, read_tensors
+from adapters_store.safetensors_io import find_weights, read_tensors
 from adapters_store.spec import ModelSpec
 from adapters_store.types import AdapterWeights, LoraModule, LoraParts
 
@@ -124,14 +125,6 @@ def _lora_module(adapter: str, file: Path, module: str, a: torch.Tensor, b: torc
                                f"expected {list(expected)} (rank {r} from {settings.rank_source(module)}; "
                                f"{module} maps {in_features} -> {out_features} in the served model)",
                                adapter=adapter, path=str(file))
-    return LoraModule(a=_to_dtype(adapter, file, f"{module}.lora_A.weight", a, spec.dtype),
-                      b=_to_dtype(adapter, file, f"{module}.lora_B.weight", b, spec.dtype),
+    return LoraModule(a=to_served(adapter, file, f"{module}.lora_A.weight", a, spec.dtype),
+                      b=to_served(adapter, file, f"{module}.lora_B.weight", b, spec.dtype),
                       scale=float(settings.scale(module)))
-
-
-def _to_dtype(adapter: str, file: Path, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Contiguous CPU tensor in the served dtype; refuses values that overflow it."""
-    out = tensor.to(device="cpu", dtype=dtype).contiguous()
-    if out.dtype != tensor.dtype:
-        check_finite(adapter, file, key, out, after=f" after conversion from {tensor.dtype} to {dtype}")
-    return out

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from adapters_store.errors import AdapterError
+from adapters_store.errors import AdapterError, quote
 from adapters_store.registry import AdapterRegistry
 from adapters_store.versions import AdapterEntry, AdapterState, Tier
 from server.adapters.errors import InvalidAdminRequest, PathNotAllowed, PinLimit
@@ -39,6 +39,7 @@ class AdapterStatus:
     in_flight: int               # requests accepted and not ended
     draining_versions: int       # older versions still finishing requests
     error: AdapterError | None   # why its last load failed, if it did
+    nonfinite_outputs: int = 0   # requests of the current version that failed for non-finite logits
 
 
 class AdapterManager:
@@ -59,7 +60,7 @@ class AdapterManager:
         Raises InvalidAdminRequest, PathNotAllowed, PinLimit, or AdapterError when the files are refused.
         """
         if not NAME.fullmatch(name):
-            raise InvalidAdminRequest(f"adapter name {name!r} must be 1 to 128 letters, digits, '.', '_' or '-', "
+            raise InvalidAdminRequest(f"adapter name {quote(name)} must be 1 to 128 letters, digits, '.', '_' or '-', "
                                       "starting with a letter or digit")
         directory = self.allowed_path(path)
         if pinned and self.registry.pinned(exclude=name) >= self.slots.num_slots - 1:
@@ -81,7 +82,7 @@ class AdapterManager:
         if any(resolved != root and resolved.is_relative_to(root) for root in self.load_roots):
             return resolved
         roots = ", ".join(str(root) for root in self.load_roots)
-        raise PathNotAllowed(f"{path} is not under an allowed adapter root ({roots})")
+        raise PathNotAllowed(f"{quote(str(path), 256)} is not under an allowed adapter root ({roots})")
 
     def unload(self, name: str) -> AdapterStatus:
         """Stops new requests for `name` (NOT_FOUND from now on); it is gone once its in-flight requests end.
@@ -111,4 +112,5 @@ class AdapterManager:
             num_parameters=v.num_parameters if v else 0, nbytes=v.nbytes if v else 0, tier=v.tier if v else None,
             loaded_at=v.loaded_at if v else 0.0, load_seconds=v.load_seconds if v else 0.0,
             last_used=v.last_used if v else 0.0, in_flight=entry.pending,
-            draining_versions=draining.get(entry.name, 0), error=entry.error)
+            draining_versions=draining.get(entry.name, 0), error=entry.error,
+            nonfinite_outputs=v.nonfinite_outputs if v else 0)

@@ -151,6 +151,11 @@ class AdapterSlots:
         lease.version, lease.slot = version, slot
         return Binding.BOUND
 
+    def mark_untrusted(self, lease: AdapterLease) -> None:
+        """A request of this lease's version produced non-finite logits: counted on the version (GetAdapter)."""
+        if lease.version is not None:
+            lease.version.nonfinite_outputs += 1
+
     def release(self, lease: AdapterLease | int) -> None:
         """The request ended (or was refused after `reserve`): gives back its slot and its reservation.
         An int is a slot from `acquire` (-1: none)."""

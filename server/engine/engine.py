@@ -12,9 +12,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import torch
+
+from adapters_store.errors import quote
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from server.engine.errors import InvalidRequest, Overloaded, ShuttingDown, UnknownAdapter
+from server.engine.errors import InvalidRequest, Overloaded, ShuttingDown, UnknownAdapter, UntrustedOutput
 from server.engine.observer import EngineObserver
 from server.engine.prompts import PromptEncoder
 from server.engine.request import (
@@ -34,6 +37,7 @@ from server.engine.threads import claim_compute_threads
 log = logging.getLogger("deltaserve.engine")
 
 T = TypeVar("T")
+MAX_ADAPTER_NAME = 128   # the Adapters API's limit; a longer id cannot name a served adapter
 
 
 class AdapterResolver(Protocol):
@@ -42,15 +46,19 @@ class AdapterResolver(Protocol):
 
     def reserve(self, adapter_id: str) -> Any: ...
     def release(self, lease: Any) -> None: ...
+    def mark_untrusted(self, lease: Any) -> None: ...
 
 
 class NoAdapters:
     """The resolver when no adapter store is configured: only the base model exists."""
 
     def reserve(self, adapter_id: str) -> Any:
-        raise UnknownAdapter(f"adapter {adapter_id!r} is not registered (no adapters are loaded)")
+        raise UnknownAdapter(f"adapter {quote(adapter_id)} is not registered (no adapters are loaded)")
 
     def release(self, lease: Any) -> None:
+        pass
+
+    def mark_untrusted(self, lease: Any) -> None:
         pass
 
 
@@ -162,6 +170,9 @@ class Engine:
     # ---- submission ---------------------------------------------------------------------------
 
     def _make_sequence(self, request: GenerationRequest, sink: OutputSink) -> Sequence:
+        if len(request.adapter_id) > MAX_ADAPTER_NAME:
+            raise InvalidRequest(f"adapter_id {quote(request.adapter_id)} is longer than any adapter name "
+                                 f"({MAX_ADAPTER_NAME} characters)")
         request.sampling.validate()
         prompt_ids = self.encoder.encode(request)
         max_len = self.limits.max_model_len
@@ -224,12 +235,33 @@ class Engine:
             time.sleep(0.001)
             return
         seqs, logits = self.runner.run(step)
+        finite = torch.isfinite(logits).all(dim=-1)   # [num_seqs]
+        if not bool(finite.all()):
+            seqs, logits = self._fail_untrusted(seqs, logits, finite)
         tokens, logprobs = sample(logits, seqs)
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             self._advance(seq, token, logprob)
         self.observer.on_step(seqs)
         if self.on_step is not None:
             self.on_step(seqs)
+
+    def _fail_untrusted(self, seqs: list[Sequence], logits: torch.Tensor,
+                        finite: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """Fails each row whose logits hold NaN/Inf (never sampled from: garbage is no answer); the other rows
+        go on unchanged. Returns the rows left and their logits."""
+        keep = finite.tolist()
+        for seq, ok in zip(seqs, keep, strict=True):
+            if ok:
+                continue
+            source = f"adapter {seq.adapter_id!r} version {seq.adapter_version}" if seq.adapter_id else "the base model"
+            log.error("non-finite logits for request %.64s (%s); failing it", seq.request_id, source)
+            if seq.adapter_lease is not None:
+                self.adapters.mark_untrusted(seq.adapter_lease)
+            self.observer.on_untrusted(seq)
+            error = UntrustedOutput(f"the model produced non-finite logits for this request ({source}); the result "
+                                    "cannot be trusted and was not returned")
+            self._finish(seq, FinishReason.CANCELLED, RequestOutput(seq.request_id, [], "", [], error=error))
+        return [s for s, ok in zip(seqs, keep, strict=True) if ok], logits[finite]
 
     def _advance(self, seq: Sequence, token: int, logprob: float | None) -> None:
         seq.output_ids.append(token)

@@ -13,5 +13,9 @@ class Overloaded(RuntimeError):
     """The waiting queue is full (RESOURCE_EXHAUSTED)."""
 
 
+class UntrustedOutput(RuntimeError):
+    """The model's logits for this request were not finite: no answer is given (INTERNAL)."""
+
+
 class ShuttingDown(RuntimeError):
     """The engine no longer accepts requests (UNAVAILABLE)."""

@@ -39,5 +39,8 @@ class EngineObserver:
     def on_step(self, seqs: list[Sequence]) -> None:
         """A step ran: each of `seqs` received one token."""
 
+    def on_untrusted(self, seq: Sequence) -> None:
+        """A request failed because its logits were not finite."""
+
     def on_step_failed(self, error: Exception) -> None:
         """A step raised; every running and waiting request is about to be cancelled."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from adapters_store.errors import quote
 from server.engine.errors import InvalidRequest
 from server.engine.request import GenerationRequest
 
@@ -37,7 +38,7 @@ class PromptEncoder:
             raise InvalidRequest("this model has no chat template: send the prompt as text")
         for role, content in messages:
             if role not in ROLES:
-                raise InvalidRequest(f"unknown chat role {role!r}; use one of {', '.join(ROLES)}")
+                raise InvalidRequest(f"unknown chat role {quote(role)}; use one of {', '.join(ROLES)}")
             if len(content) > MAX_PROMPT_CHARS:
                 raise InvalidRequest(f"a chat message is longer than {MAX_PROMPT_CHARS} characters")
         chat = [{"role": role, "content": content} for role, content in messages]

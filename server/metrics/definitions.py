@@ -64,6 +64,7 @@ class Metrics:
     step_duration: Histogram
     preemptions: Counter
     step_failures: Counter
+    nonfinite_outputs: Counter
     adapter_load_time: Histogram
     adapter_load_failures: Counter
 
@@ -96,6 +97,9 @@ class Metrics:
                                     "sampling, outputs)", STEP_BUCKETS),
             preemptions=counter("preemptions_total", "Sequences preempted (KV blocks freed, recomputed later)"),
             step_failures=counter("step_failures_total", "Engine steps that raised (their requests failed)"),
+            nonfinite_outputs=counter("nonfinite_outputs_total", "Requests failed because their logits were not "
+                                      "finite (never answered), by adapter method; GetAdapter names the adapter",
+                                      ("method",)),
             adapter_load_time=histogram("adapter_load_duration_seconds", "Reading and validating one adapter",
                                         LOAD_BUCKETS, ("method",)),
             adapter_load_failures=counter("adapter_load_failures_total", "Adapters refused, by reason",
@@ -111,6 +115,7 @@ class Metrics:
                 self.requests.labels(outcome, reason)
         for reason in sorted(REASONS | {DELTA_REJECTED}):
             self.adapter_load_failures.labels(reason)
+        self.nonfinite_outputs.labels(BASE_METHOD)
         for histogram in (self.time_to_first_token, self.inter_token_latency, self.e2e_latency, self.queue_time):
             histogram.labels(BASE_METHOD)
 

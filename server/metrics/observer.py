@@ -146,6 +146,13 @@ class MetricsObserver(EngineObserver):
             self.inflight.remove(track.adapter, track.running)
 
     @never_raises
+    def on_untrusted(self, seq: Sequence) -> None:
+        track = self._tracks.get(id(seq))
+        if track is not None:
+            track.failed = True
+        self.metrics.nonfinite_outputs.labels(track.method if track else BASE_METHOD).inc()
+
+    @never_raises
     def on_step_failed(self, error: Exception) -> None:
         self.metrics.step_failures.inc()
         for track in self._tracks.values():

@@ -14,6 +14,7 @@ from deltaserve.v1 import adapters_pb2 as pb
 from deltaserve.v1 import adapters_pb2_grpc as pb_grpc
 from server.adapters.errors import InvalidAdminRequest, PathNotAllowed, PinLimit
 from server.adapters.manager import AdapterManager, AdapterStatus
+from server.service.guards import short_message
 
 STATUS_OF_ERROR: dict[type[Exception], grpc.StatusCode] = {
     AdapterNotFound: grpc.StatusCode.NOT_FOUND,
@@ -35,7 +36,8 @@ def status_to_proto(status: AdapterStatus) -> pb.AdapterInfo:
         ranks=list(status.ranks), targets=list(status.targets), parameter_count=status.num_parameters,
         bytes=status.nbytes, tier=TIERS[status.tier] if status.tier else pb.RESIDENCY_TIER_UNSPECIFIED,
         loaded_at=status.loaded_at, load_seconds=status.load_seconds, last_used=status.last_used,
-        in_flight=status.in_flight, draining_versions=status.draining_versions)
+        in_flight=status.in_flight, draining_versions=status.draining_versions,
+        nonfinite_outputs=status.nonfinite_outputs)
     if status.error is not None:
         info.error.CopyFrom(pb.AdapterLoadError(reason=status.error.reason, message=status.error.message))
     return info
@@ -52,7 +54,7 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
         except ADMIN_ERRORS as error:
             code = next(code for kind, code in STATUS_OF_ERROR.items() if isinstance(error, kind))
-            await context.abort(code, str(error))
+            await context.abort(code, short_message(str(error)))
             raise  # abort raises; this line only satisfies the type checker
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest,

@@ -10,8 +10,9 @@ import grpc
 from deltaserve.v1 import generation_pb2 as pb
 from deltaserve.v1 import generation_pb2_grpc as pb_grpc
 from server.engine.engine import Engine
-from server.engine.errors import InvalidRequest, Overloaded, ShuttingDown, UnknownAdapter
+from server.engine.errors import InvalidRequest, Overloaded, ShuttingDown, UnknownAdapter, UntrustedOutput
 from server.service.convert import request_from_proto, result_to_proto
+from server.service.guards import short_message
 from server.service.stream import EngineStream
 
 log = logging.getLogger("deltaserve.service")
@@ -21,6 +22,7 @@ STATUS_OF_ERROR: dict[type[Exception], grpc.StatusCode] = {
     UnknownAdapter: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    UntrustedOutput: grpc.StatusCode.INTERNAL,
 }
 DOMAIN_ERRORS = tuple(STATUS_OF_ERROR)
 
@@ -28,7 +30,7 @@ DOMAIN_ERRORS = tuple(STATUS_OF_ERROR)
 async def abort_with(context: grpc.aio.ServicerContext, error: Exception) -> None:
     code = next(code for kind, code in STATUS_OF_ERROR.items() if isinstance(error, kind))
     message = str(error.args[0]) if error.args else str(error)
-    await context.abort(code, message)
+    await context.abort(code, short_message(message))
 
 
 class GenerationService(pb_grpc.GenerationServicer):
