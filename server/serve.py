@@ -8,12 +8,17 @@ import logging
 import time
 from dataclasses import dataclass
 
+from grpc_health.v1 import health_pb2
+
 from deltaserve.v1 import generation_pb2 as pb
 from server.app import ServingStack, build_stack, load
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
+from server.http.app import HttpContext, create_app
+from server.http.server import HttpServer
 from server.metrics import ServerMetrics
+from server.security.keys import ApiKeys
 from server.service.server import (
     RunningServer,
     Security,
@@ -45,11 +50,13 @@ def adapter_summaries(stack: ServingStack) -> list[pb.AdapterSummary]:
 
 @dataclass
 class Serving:
-    """A started server: the gRPC server over the stack, and the metrics endpoint unless turned off."""
+    """A started server: the gRPC server over the stack, the OpenAI-compatible HTTP API and the metrics endpoint
+    unless turned off."""
 
     grpc: RunningServer
     stack: ServingStack
     metrics: ServerMetrics | None
+    http: HttpServer | None = None
 
     @property
     def port(self) -> int:
@@ -60,6 +67,14 @@ class Serving:
         return self.grpc.engine
 
     async def stop(self, grace: float) -> None:
+        if self.http is not None:
+            # Both APIs refuse new work at once (health NOT_SERVING, the engine refusing); HTTP requests in flight
+            # then finish within the grace period before the engine shuts down in grpc.stop.
+            deadline = time.monotonic() + grace
+            await self.grpc.health.enter_graceful_shutdown()
+            self.engine._accepting = False
+            await self.http.stop(grace)
+            grace = max(deadline - time.monotonic(), 0.0)
         await self.grpc.stop(grace)
         self.stack.adapters.stop()
         if self.metrics is not None:  # last: scrapes still see the drain
@@ -81,11 +96,18 @@ async def start(config: ServerConfig) -> Serving:
         log.warning("the Adapters admin API is open to anyone who can reach port %d: set --admin-token "
                     "(or DELTASERVE_ADMIN_TOKEN) to require a bearer token", running.port)
     stack.adapters.start()
+    try:
+        http = await start_http(config, stack, running) if config.http_port >= 0 else None
+    except OSError:
+        await running.stop(0)
+        raise
     if metrics is not None:
         metrics.attach(stack)
         try:
             metrics.serve()
         except OSError:
+            if http is not None:
+                await http.stop(0)
             await running.stop(0)
             raise
     if config.warmup:
@@ -99,7 +121,23 @@ async def start(config: ServerConfig) -> Serving:
         engine.set_observer(metrics.observer)
     await mark_serving(running)
     log.info("SERVING %s on port %d", loaded.model_id, running.port)
-    return Serving(running, stack, metrics)
+    return Serving(running, stack, metrics, http)
+
+
+async def start_http(config: ServerConfig, stack: ServingStack, running: RunningServer) -> HttpServer:
+    """The OpenAI-compatible API over the same engine; its /health follows the gRPC health status."""
+    async def healthy() -> bool:
+        reply = await running.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    context = HttpContext(
+        engine=stack.engine, model_id=stack.loaded.model_id, adapter_names=stack.store.names, healthy=healthy,
+        api_keys=ApiKeys.from_config(config.api_key, config.api_key_file), admin_token=config.admin_token,
+        manager=stack.adapters.manager, max_top_logprobs=config.max_top_logprobs,
+        max_model_len=stack.engine.limits.max_model_len)
+    http = HttpServer(create_app(context), config.http_host or config.host, config.http_port)
+    await http.start()
+    return http
 
 
 async def serve(config: ServerConfig) -> int:

@@ -25,6 +25,7 @@ class ServerThread:
         config.setdefault("port", 0)
         config.setdefault("kv_cache_tokens", 16384)
         config.setdefault("metrics_port", 0)   # tests may run several servers: never the fixed default
+        config.setdefault("http_port", 0)
         self.config = ServerConfig(**config)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -43,6 +44,11 @@ class ServerThread:
     @property
     def engine(self) -> Engine:
         return self.running.engine
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (append /v1 for the openai client)."""
+        return self.running.http.url
 
     @property
     def metrics_url(self) -> str:

@@ -186,12 +186,15 @@ class Engine:
                                  f"the context length {max_len}")
         stopping = StoppingParams(max_new, request.stop_sequences, request.ignore_eos)
         stopping.validate()
+        if request.top_logprobs < 0:
+            raise InvalidRequest(f"top_logprobs must not be negative, got {request.top_logprobs}")
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
         lease = self.adapters.reserve(request.adapter_id) if request.adapter_id else None
         seq = Sequence(
             request_id=request.request_id, prompt_ids=prompt_ids, sampling=request.sampling,
             stopping=stopping, seed=seed, adapter_id=request.adapter_id, adapter_slot=-1,
-            return_logprobs=request.return_logprobs, sink=sink, arrival=time.monotonic(), adapter_lease=lease)
+            return_logprobs=request.return_logprobs, sink=sink, arrival=time.monotonic(), adapter_lease=lease,
+            top_logprobs=request.top_logprobs)
         if not request.sampling.greedy:
             seq.generator = make_generator(seed)
         seq.detokenizer = IncrementalDetokenizer(self.encoder, prompt_ids)
@@ -272,7 +275,8 @@ class Engine:
         reason = self._finish_reason(seq, token)
         if reason is not None and reason is not FinishReason.STOP_SEQUENCE:
             text += seq.stop_checker.add(seq.detokenizer.flush()) + seq.stop_checker.finish()
-        out = RequestOutput(seq.request_id, [token], text, [logprob] if logprob is not None else [])
+        out = RequestOutput(seq.request_id, [token], text, [logprob] if logprob is not None else [],
+                            top_logprobs=seq.top_alternatives[-1:])
         if reason is not None:
             self._finish(seq, reason, out)
         else:
@@ -297,7 +301,7 @@ class Engine:
             request_id=seq.request_id, text=seq.stop_checker.text, token_ids=list(seq.output_ids),
             finish_reason=reason, prompt_tokens=len(seq.prompt_ids), seed=seq.seed,
             logprobs=list(seq.logprobs), stop_sequence=seq.stop_checker.matched, adapter_id=seq.adapter_id,
-            adapter_version=seq.adapter_version)
+            adapter_version=seq.adapter_version, top_logprobs=list(seq.top_alternatives))
         self._emit(seq, out)
 
     def _release_adapter(self, seq: Sequence) -> None:

@@ -18,6 +18,11 @@ class FinishReason(enum.Enum):
     CANCELLED = "cancelled"
 
 
+# The most likely tokens at one position, most likely first: (token id, logprob) from the same log-softmax as
+# `logprobs` (before temperature, penalties and filtering).
+TopLogprobs = list[tuple[int, float]]
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling; temperature 0 is greedy."""
@@ -75,6 +80,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     result: GenerationResult | None = None
     error: Exception | None = None   # the request ended before its first token because it cannot be served
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)   # per token in token_ids, when asked for
 
 
 @dataclass
@@ -91,6 +97,7 @@ class GenerationResult:
     stop_sequence: str
     adapter_id: str
     adapter_version: int = 0     # the adapter version it ran on (0: none)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)   # per generated token, when asked for
 
 
 OutputSink = Callable[[RequestOutput], None]
@@ -122,6 +129,8 @@ class Sequence:
     stop_checker: Any = None     # StopChecker
     adapter_lease: Any = None    # the adapter resolver's hold on its adapter (None: the base model)
     adapter_version: int = 0     # set with adapter_slot when it is bound to a version at admission
+    top_logprobs: int = 0        # alternatives to report per token (0: none)
+    top_alternatives: list[TopLogprobs] = field(default_factory=list)   # one per output token, by the sampler
 
     @property
     def all_ids(self) -> list[int]:
@@ -148,3 +157,4 @@ class GenerationRequest:
     stop_sequences: tuple[str, ...] = ()
     ignore_eos: bool = False
     return_logprobs: bool = False
+    top_logprobs: int = 0                                # the k most likely tokens per position (0: none)

@@ -41,9 +41,26 @@ def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.T
     return probs, order
 
 
+def record_top_logprobs(logprobs: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Appends each asking sequence's k most likely tokens at this position to its `top_alternatives`."""
+    rows = [i for i, s in enumerate(seqs) if s.top_logprobs > 0]
+    if not rows:
+        return
+    k = min(max(seqs[i].top_logprobs for i in rows), logprobs.shape[1])
+    values, ids = torch.topk(logprobs[torch.tensor(rows, device=logprobs.device)], k, dim=-1)
+    for row, lps, tokens in zip(rows, values.tolist(), ids.tolist(), strict=True):
+        want = seqs[row].top_logprobs
+        seqs[row].top_alternatives.append(list(zip(tokens[:want], lps[:want], strict=True)))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float | None]]:
-    """logits [num_seqs, vocab] (float32, one row per sequence) -> next token and its logprob."""
-    logprobs = torch.log_softmax(logits, dim=-1) if any(s.return_logprobs for s in seqs) else None
+    """logits [num_seqs, vocab] (float32, one row per sequence) -> next token and its logprob.
+
+    Sequences that ask for top logprobs also get this position's alternatives in `top_alternatives`."""
+    wanted = any(s.return_logprobs or s.top_logprobs for s in seqs)
+    logprobs = torch.log_softmax(logits, dim=-1) if wanted else None
+    if logprobs is not None:
+        record_top_logprobs(logprobs, seqs)
     apply_repetition_penalty(logits, seqs)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
