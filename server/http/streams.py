@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+from server.engine.admission import RequestHandle
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
 
@@ -22,6 +24,8 @@ class MultiStream:
         self.requests = requests
         self._queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
         self._unfinished: set[int] = set()
+        self._handles: dict[int, Any] = {}      # what submit returned, per choice
+        self._handles: dict[int, RequestHandle] = {}   # by choice index: cancel this request, not its request_id
 
     async def __aenter__(self) -> MultiStream:
         await self.open()
@@ -43,11 +47,16 @@ class MultiStream:
 
         def submit_all() -> None:
             for index, request in enumerate(self.requests):
-                self.engine.submit(request, sink_for(index))
+                self._handles[index] = self.engine.submit(request, sink_for(index))
                 self._unfinished.add(index)
 
+        submitted = loop.run_in_executor(None, submit_all)
         try:
-            await loop.run_in_executor(None, submit_all)
+            await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            # The client went away while the prompts were being read: cancel them once they are submitted.
+            submitted.add_done_callback(lambda _: self.close())
+            raise
         except BaseException:
             self.close()
             raise
@@ -55,8 +64,15 @@ class MultiStream:
     def close(self) -> None:
         """Cancels every request that has not finished (only enqueues: safe anywhere, any number of times)."""
         for index in sorted(self._unfinished):
-            self.engine.cancel(self.requests[index].request_id)
+            self._cancel(index)
         self._unfinished.clear()
+
+    def _cancel(self, index: int) -> None:
+        cancel = getattr(self._handles.get(index), "cancel", None)
+        if cancel is not None:      # submit's RequestHandle, where the engine returns one
+            cancel()
+        else:
+            self.engine.cancel(self.requests[index].request_id)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) until every request has finished; raises an error the engine reports for one."""
