@@ -58,9 +58,10 @@ def build_stack(loaded: LoadedModel, config: ServerConfig, store_listener: Store
     adapters = build_adapters(loaded, config, deltas, store_listener)
     slots = adapters.slots
     blocks = BlockManager(num_blocks, config.block_size)
-    scheduler = Scheduler(blocks, config.max_batch_size, config.max_batched_tokens, config.max_waiting, slots)
+    scheduler = Scheduler(blocks, config.max_batch_size, config.max_batched_tokens, adapters=slots)
     runner = ModelRunner(loaded.model, kv_cache, loaded.device, deltas)
-    limits = EngineLimits(max_model_len=max_model_len, default_max_new_tokens=config.default_max_new_tokens)
+    limits = EngineLimits(max_model_len=max_model_len, default_max_new_tokens=config.default_max_new_tokens,
+                          max_waiting=config.max_waiting)
     engine = Engine(runner, PromptEncoder(loaded.tokenizer), blocks, scheduler, limits, loaded.eos_token_ids,
                     slots, threads=config.threads)
     return ServingStack(loaded, engine, adapters.registry, deltas, slots, adapters)

@@ -72,7 +72,7 @@ class Serving:
             # then finish within the grace period before the engine shuts down in grpc.stop.
             deadline = time.monotonic() + grace
             await self.grpc.health.enter_graceful_shutdown()
-            self.engine._accepting = False
+            self.engine.stop_accepting()
             await self.http.stop(grace)
             grace = max(deadline - time.monotonic(), 0.0)
         await self.grpc.stop(grace)

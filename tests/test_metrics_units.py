@@ -165,13 +165,15 @@ def test_observer_is_safe_to_scrape_while_the_engine_thread_counts():
 
 def test_residency_counts_every_tier():
     from adapters_store.versions import Tier
-    from server.engine.block_manager import BlockManager
+    from server.engine.admission import EngineStats
     from server.metrics.collectors import ModelLabels, ServerStateCollector
 
     tiers = [Tier.DEVICE, Tier.HOST, Tier.DISK, Tier.DISK]
     versions = {f"a{i}": SimpleNamespace(methods=("lora",), tier=tier) for i, tier in enumerate(tiers)}
     labels = ModelLabels("m", "LlamaForCausalLM", "float32", "cpu")
-    collector = ServerStateCollector(InFlight(), BlockManager(8, 4), SimpleNamespace(adapters=versions),
+    stats = EngineStats(running=0, waiting=0, total_blocks=8, free_blocks=8, block_size=4, kv_usage=0.0,
+                        max_batch_size=8, max_waiting=8)
+    collector = ServerStateCollector(InFlight(), lambda: stats, SimpleNamespace(adapters=versions),
                                      SimpleNamespace(num_slots=2), labels)
     registry = CollectorRegistry()
     registry.register(collector)

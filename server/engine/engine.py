@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from adapters_store.errors import quote
+from server.engine.admission import AdmissionGate, EngineStats, RequestHandle
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from server.engine.errors import InvalidRequest, Overloaded, ShuttingDown, UnknownAdapter, UntrustedOutput
@@ -68,23 +69,14 @@ class EngineLimits:
 
     max_model_len: int
     default_max_new_tokens: int
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    total_blocks: int
-    free_blocks: int
-    block_size: int
-    kv_usage: float
+    max_waiting: int = 1024      # requests submitted and not yet running, at most; beyond: Overloaded
 
 
 class Engine:
     """Continuous batching: requests join and leave the running batch at every step.
 
-    `submit` and `cancel` are thread-safe and only enqueue; the engine thread owns the
-    scheduler, the KV cache and every sequence.
+    `submit` (and the handle's `cancel`) are thread-safe and only enqueue; the engine thread owns the
+    scheduler, the KV cache and every sequence, and publishes an `EngineStats` snapshot for other threads.
     """
 
     def __init__(self, runner: ModelRunner, encoder: PromptEncoder, blocks: BlockManager,
@@ -103,7 +95,11 @@ class Engine:
         self._inbox: deque[Callable[[], None]] = deque()
         self._wakeup = threading.Event()
         self._accepting = True
+        self._gate = AdmissionGate(limits.max_waiting)
+        self._gated: set[int] = set()     # id() of sequences holding a place in the gate (engine thread only)
         self._stop = False
+        self._steps = 0
+        self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._loop, name="deltaserve-engine", daemon=True)
         self.on_step: Callable[[list[Sequence]], None] | None = None
 
@@ -118,20 +114,27 @@ class Engine:
 
     # ---- called from any thread -------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, sink: OutputSink) -> Sequence:
-        """Validates and enqueues a request; raises InvalidRequest, UnknownAdapter, Overloaded."""
+    def submit(self, request: GenerationRequest, sink: OutputSink) -> RequestHandle:
+        """Validates and enqueues a request; raises InvalidRequest, UnknownAdapter, Overloaded, ShuttingDown.
+        The handle cancels this request and no other."""
         try:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
             seq = self._make_sequence(request, sink)
-            if not self.scheduler.can_add():
+            try:
+                self._gate.enter()
+            except Overloaded:
                 self._release_adapter(seq)
-                raise Overloaded(f"the waiting queue is full ({self.scheduler.max_waiting} requests)")
+                raise
         except (InvalidRequest, UnknownAdapter, Overloaded, ShuttingDown) as error:
             self.observer.on_reject(request, error)
             raise
         self._post(lambda: self._enqueue(seq))
-        return seq
+        return RequestHandle(request.request_id, lambda: self._post(lambda: self._abort(seq)))
+
+    def stop_accepting(self) -> None:
+        """From now on `submit` refuses with ShuttingDown; requests already submitted go on."""
+        self._accepting = False
 
     def call(self, fn: Callable[[], T]) -> T:
         """Runs `fn` on the engine thread between two steps and returns its result. Benchmarks run their
@@ -147,18 +150,21 @@ class Engine:
         self._post(run)
         return future.result()
 
-    def cancel(self, request_id: str) -> None:
-        self._post(lambda: self._abort(request_id))
+    def cancel(self, handle: RequestHandle) -> None:
+        """Cancels the request `submit` returned `handle` for (the same as `handle.cancel()`)."""
+        if not isinstance(handle, RequestHandle):
+            raise TypeError(f"cancel takes the RequestHandle that submit returned, not {type(handle).__name__}")
+        handle.cancel()
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.num_blocks,
-                           self.blocks.num_free, self.blocks.block_size, self.blocks.usage)
+        """The snapshot the engine thread published last (never its live queues)."""
+        return self._stats
 
     def shutdown(self, grace: float) -> None:
         """Refuses new requests, lets in-flight ones finish for `grace` seconds, cancels the rest."""
-        self._accepting = False
+        self.stop_accepting()
         deadline = time.monotonic() + grace
-        while self.scheduler.has_work or self._inbox:
+        while self._gate.count or self._stats.running or self._stats.waiting or self._inbox:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
@@ -202,8 +208,20 @@ class Engine:
         return seq
 
     def _enqueue(self, seq: Sequence) -> None:
+        self._gated.add(id(seq))
         self.scheduler.add(seq)
         self.observer.on_submit(seq)
+
+    def _ungate(self, seq: Sequence) -> None:
+        """Gives back the sequence's admission place: it left the waiting queue for the batch, or ended."""
+        if id(seq) in self._gated:
+            self._gated.discard(id(seq))
+            self._gate.leave()
+
+    def _snapshot(self) -> EngineStats:
+        s, b = self.scheduler, self.blocks
+        return EngineStats(len(s.running), len(s.waiting), b.num_blocks, b.num_free, b.block_size, b.usage,
+                           s.max_batch_size, self._gate.limit, self._steps)
 
     def _post(self, command: Callable[[], None]) -> None:
         self._inbox.append(command)
@@ -216,6 +234,7 @@ class Engine:
         while True:
             while self._inbox:
                 self._inbox.popleft()()
+            self._stats = self._snapshot()
             if self._stop:
                 return
             if not self.scheduler.has_work:
@@ -228,9 +247,13 @@ class Engine:
                 log.exception("engine step failed; cancelling the running requests")
                 self.observer.on_step_failed(error)
                 self._abort_all()
+            self._steps += 1
+            self._stats = self._snapshot()
 
     def step(self) -> None:
         step = self.scheduler.schedule()
+        for seq in step.prefills:
+            self._ungate(seq)
         for seq, error in step.failed:
             self._finish(seq, FinishReason.CANCELLED, RequestOutput(seq.request_id, [], "", [], error=error))
         self.observer.on_schedule(step)
@@ -293,6 +316,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: FinishReason, out: RequestOutput) -> None:
         self.scheduler.finish(seq)
+        self._ungate(seq)
         seq.finished = True
         self._release_adapter(seq)
         self.observer.on_finish(seq, reason)
@@ -315,11 +339,10 @@ class Engine:
         except Exception:
             log.exception("output sink of %s failed", seq.request_id)
 
-    def _abort(self, request_id: str) -> None:
-        seq = self.scheduler.abort(request_id)
-        if seq is not None and not seq.finished:
+    def _abort(self, seq: Sequence) -> None:
+        if not seq.finished and self.scheduler.abort(seq):
             self._finish(seq, FinishReason.CANCELLED, RequestOutput(seq.request_id, [], "", []))
 
     def _abort_all(self) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self._abort(seq.request_id)
+            self._abort(seq)

@@ -50,17 +50,13 @@ class Scheduler:
     """
 
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_batched_tokens: int,
-                 max_waiting: int, adapters: AdapterAdmission | None = None) -> None:
+                 adapters: AdapterAdmission | None = None) -> None:
         self.blocks = blocks
         self.adapters = adapters
         self.max_batch_size = max_batch_size
         self.max_batched_tokens = max_batched_tokens
-        self.max_waiting = max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-
-    def can_add(self) -> bool:
-        return len(self.waiting) < self.max_waiting
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -154,11 +150,13 @@ class Scheduler:
             self.running.remove(seq)
         self.blocks.free(seq)
 
-    def abort(self, request_id: str) -> Sequence | None:
+    def abort(self, seq: Sequence) -> bool:
+        """Removes this very sequence (by identity: request ids are the client's and need not be unique) and frees
+        its blocks; False if it is in neither queue."""
         for queue in (self.waiting, self.running):
-            for seq in queue:
-                if seq.request_id == request_id:
-                    queue.remove(seq)
-                    self.blocks.free(seq)
-                    return seq
-        return None
+            index = next((i for i, queued in enumerate(queue) if queued is seq), None)
+            if index is not None:
+                del queue[index]
+                self.blocks.free(seq)
+                return True
+        return False

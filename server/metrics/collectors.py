@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 from adapters_store.store import AdapterStore
 from adapters_store.versions import Tier
 from server.deltas.slots import AdapterSlots
-from server.engine.block_manager import BlockManager
+from server.engine.admission import EngineStats
 from server.metrics.definitions import PREFIX, method_label
 from server.metrics.inflight import InFlight
 
@@ -30,12 +30,13 @@ class ModelLabels:
 
 
 class ServerStateCollector(Collector):
-    """Engine and adapter gauges computed at scrape time from the live objects (no engine-side work)."""
+    """Engine and adapter gauges computed at scrape time: the engine's published snapshot (never its live
+    queues), the in-flight counts and the adapter store (no engine-side work)."""
 
-    def __init__(self, inflight: InFlight, blocks: BlockManager, store: AdapterStore, slots: AdapterSlots,
-                 model: ModelLabels) -> None:
+    def __init__(self, inflight: InFlight, stats: Callable[[], EngineStats], store: AdapterStore,
+                 slots: AdapterSlots, model: ModelLabels) -> None:
         self.inflight = inflight
-        self.blocks = blocks
+        self.stats = stats
         self.store = store
         self.slots = slots
         self.model = model
@@ -51,7 +52,7 @@ class ServerStateCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "requests_waiting", "Requests in the waiting queue (not yet scheduled, "
                                 "or preempted)", value=now.waiting)
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1)",
-                                value=self.blocks.usage)
+                                value=self.stats().kv_usage)
 
     def _adapters(self) -> Iterator[Metric]:
         registered: Counter[str] = Counter()
@@ -81,7 +82,8 @@ class ServerStateCollector(Collector):
                                  labels=["model", "architecture", "dtype", "device"])
         info.add_metric([self.model.model, self.model.architecture, self.model.dtype, self.model.device], 1)
         yield info
+        stats = self.stats()
         cache = GaugeMetricFamily(PREFIX + "cache_config_info", "KV cache geometry (always 1)",
                                   labels=["block_size", "num_blocks"])
-        cache.add_metric([str(self.blocks.block_size), str(self.blocks.num_blocks)], 1)
+        cache.add_metric([str(stats.block_size), str(stats.total_blocks)], 1)
         yield cache

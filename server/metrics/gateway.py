@@ -15,12 +15,12 @@ only with --metrics-vllm-compat; otherwise point the EPP at the deltaserve_ name
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine.block_manager import BlockManager
+from server.engine.admission import EngineStats
 from server.metrics.definitions import PREFIX
 from server.metrics.inflight import InFlight
 
@@ -31,9 +31,9 @@ VLLM = "vllm:"
 class GatewayCollector(Collector):
     """`deltaserve_lora_requests_info`, and with `vllm_names` the vLLM-named gauges the EPP reads by default."""
 
-    def __init__(self, inflight: InFlight, blocks: BlockManager, max_lora: int, vllm_names: bool) -> None:
+    def __init__(self, inflight: InFlight, stats: Callable[[], EngineStats], max_lora: int, vllm_names: bool) -> None:
         self.inflight = inflight
-        self.blocks = blocks
+        self.stats = stats
         self.max_lora = max_lora
         self.vllm_names = vllm_names
 
@@ -49,13 +49,14 @@ class GatewayCollector(Collector):
                                 value=now.waiting)
         yield GaugeMetricFamily(VLLM + "num_requests_running", "Requests running (= deltaserve_requests_running)",
                                 value=now.running)
-        usage = self.blocks.usage
+        stats = self.stats()
+        usage = stats.kv_usage
         for name in ("kv_cache_usage_perc", "gpu_cache_usage_perc"):   # the EPP's newer and older default
             yield GaugeMetricFamily(VLLM + name, "KV cache usage, 0 to 1 (= deltaserve_kv_cache_usage_ratio)",
                                     value=usage)
         cache = GaugeMetricFamily(VLLM + "cache_config_info", "KV cache geometry (= deltaserve_cache_config_info)",
                                   labels=["block_size", "num_gpu_blocks"])
-        cache.add_metric([str(self.blocks.block_size), str(self.blocks.num_blocks)], 1)
+        cache.add_metric([str(stats.block_size), str(stats.total_blocks)], 1)
         yield cache
 
 

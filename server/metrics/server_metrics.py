@@ -46,9 +46,9 @@ class ServerMetrics:
         loaded = stack.loaded
         model = ModelLabels(loaded.model_id, loaded.shape.architecture, str(loaded.dtype).removeprefix("torch."),
                             str(loaded.device))
-        blocks = stack.engine.blocks
-        self.registry.register(ServerStateCollector(observer.inflight, blocks, store, stack.slots, model))
-        self.registry.register(GatewayCollector(observer.inflight, blocks, stack.slots.num_slots,
+        stats = stack.engine.stats
+        self.registry.register(ServerStateCollector(observer.inflight, stats, store, stack.slots, model))
+        self.registry.register(GatewayCollector(observer.inflight, stats, stack.slots.num_slots,
                                                 self.config.metrics_vllm_compat))
         self.observer = observer
         return observer

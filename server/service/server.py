@@ -62,7 +62,7 @@ class RunningServer:
         """NOT_SERVING at once, refuse new calls, let in-flight ones finish within `grace` seconds."""
         log.info("shutting down: in-flight requests get %.0f s", grace)
         await self.health.enter_graceful_shutdown()
-        self.engine._accepting = False
+        self.engine.stop_accepting()
         await self.server.stop(grace)
         await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown, 0.0)
 
@@ -78,8 +78,8 @@ def model_info_provider(loaded: LoadedModel, engine: Engine,
             device=str(loaded.device),
             max_context_length=engine.limits.max_model_len,
             vocab_size=loaded.shape.vocab_size,
-            max_batch_size=engine.scheduler.max_batch_size,
-            max_waiting_requests=engine.scheduler.max_waiting,
+            max_batch_size=stats.max_batch_size,
+            max_waiting_requests=stats.max_waiting,
             kv_cache=pb.KvCacheInfo(block_size=stats.block_size, total_blocks=stats.total_blocks,
                                     free_blocks=stats.free_blocks, usage=stats.kv_usage),
             running_requests=stats.running,
