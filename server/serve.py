@@ -19,6 +19,7 @@ from server.http.app import HttpContext, create_app
 from server.http.server import HttpServer
 from server.metrics import ServerMetrics
 from server.security.keys import ApiKeys
+from server.security.tls import CertificateFiles
 from server.service.server import (
     RunningServer,
     Security,
@@ -135,7 +136,8 @@ async def start_http(config: ServerConfig, stack: ServingStack, running: Running
         api_keys=ApiKeys.from_config(config.api_key, config.api_key_file), admin_token=config.admin_token,
         manager=stack.adapters.manager, max_top_logprobs=config.max_top_logprobs,
         max_model_len=stack.engine.limits.max_model_len)
-    http = HttpServer(create_app(context), config.http_host or config.host, config.http_port)
+    tls = CertificateFiles(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
+    http = HttpServer(create_app(context), config.http_host or config.host, config.http_port, tls)
     await http.start()
     return http
 
