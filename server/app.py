@@ -58,7 +58,8 @@ def build_stack(loaded: LoadedModel, config: ServerConfig, store_listener: Store
     adapters = build_adapters(loaded, config, deltas, store_listener)
     slots = adapters.slots
     blocks = BlockManager(num_blocks, config.block_size)
-    scheduler = Scheduler(blocks, config.max_batch_size, config.max_batched_tokens, adapters=slots)
+    scheduler = Scheduler(blocks, config.max_batch_size, config.max_batched_tokens, adapters=slots,
+                          max_prefill_chunk=config.prefill_chunk(loaded.device.type))
     runner = ModelRunner(loaded.model, kv_cache, loaded.device, deltas)
     limits = EngineLimits(max_model_len=max_model_len, default_max_new_tokens=config.default_max_new_tokens,
                           max_waiting=config.max_waiting)

@@ -12,6 +12,9 @@ from typing import Any
 ENV_PREFIX = "DELTASERVE_"
 # RoPE tables reach this far past the model's context, for PEFT prefixes that shift positions.
 MAX_PREFIX_TOKENS = 512
+# Prompt tokens per step when --max-prefill-chunk is auto: on 2 CPU cores a 64-token chunk beside 8 decodes costs
+# about one more decode step (docs/benchmarks.md, chunked prefill); a GPU reads 512 in about a decode step's time.
+AUTO_PREFILL_CHUNK = {"cpu": 64, "cuda": 512}
 
 
 def _opt(help: str, **extra: Any) -> Any:
@@ -52,6 +55,10 @@ class ServerConfig:
     max_bottleneck_rank: int = field(default=128, metadata=_opt("largest bottleneck-adapter width a slot holds"))
     max_batch_size: int = field(default=64, metadata=_opt("most sequences in one engine step"))
     max_batched_tokens: int = field(default=4096, metadata=_opt("most tokens (prefill + decode) in one step"))
+    max_prefill_chunk: int = field(default=0, metadata=_opt(
+        "prompt tokens read per engine step, all prompts together, beside the decodes (0 = auto: "
+        f"{AUTO_PREFILL_CHUNK['cpu']} on CPU, {AUTO_PREFILL_CHUNK['cuda']} on CUDA); a longer prompt is read over "
+        "several steps so running streams keep their cadence"))
     max_model_len: int = field(default=4096, metadata=_opt("context length (prompt + output), capped by the model"))
     kv_cache_tokens: int = field(default=32768, metadata=_opt("KV cache capacity in tokens, preallocated"))
     block_size: int = field(default=16, metadata=_opt("tokens per KV cache block"))
@@ -101,6 +108,8 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be in 0..65535, or -1 for no HTTP API; got {self.http_port}")
+        if self.max_prefill_chunk < 0:
+            raise ValueError(f"max_prefill_chunk must not be negative (0 = auto), got {self.max_prefill_chunk}")
         if self.max_top_logprobs < 0:
             raise ValueError(f"max_top_logprobs must not be negative, got {self.max_top_logprobs}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -124,6 +133,10 @@ class ServerConfig:
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+
+    def prefill_chunk(self, device_type: str) -> int:
+        """--max-prefill-chunk, with auto resolved for the device the model is on ("cpu", "cuda")."""
+        return self.max_prefill_chunk or AUTO_PREFILL_CHUNK.get(device_type, AUTO_PREFILL_CHUNK["cpu"])
 
     @property
     def device_adapters(self) -> int:

@@ -260,13 +260,14 @@ class Engine:
         if step.empty:
             time.sleep(0.001)
             return
-        seqs, logits = self.runner.run(step)
+        seqs, logits = self.runner.run(step)   # only the sequences that sample: not a prompt read in part
         finite = torch.isfinite(logits).all(dim=-1)   # [num_seqs]
         if not bool(finite.all()):
             seqs, logits = self._fail_untrusted(seqs, logits, finite)
-        tokens, logprobs = sample(logits, seqs)
-        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
-            self._advance(seq, token, logprob)
+        if seqs:
+            tokens, logprobs = sample(logits, seqs)
+            for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+                self._advance(seq, token, logprob)
         self.observer.on_step(seqs)
         if self.on_step is not None:
             self.on_step(seqs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from server.deltas.deltaset import DeltaSet
@@ -10,6 +12,23 @@ from server.engine.scheduler import ScheduledStep
 from server.model.attention import PagedKVCache
 from server.model.batch import AdapterSegments, BatchDescriptor
 from server.model.llama import CausalLM
+
+
+@dataclass
+class _Rows:
+    """The flat rows of one step as they are laid out, before they become tensors."""
+
+    ids: list[int] = field(default_factory=list)             # [num_tokens]
+    positions: list[int] = field(default_factory=list)       # [num_tokens]
+    slots: list[int] = field(default_factory=list)           # [num_tokens] flat KV slot
+    token_slots: list[int] = field(default_factory=list)     # [num_tokens] adapter slot
+    logits_rows: list[int] = field(default_factory=list)     # [num_sampling]
+    prefill_ranges: list[tuple[int, int]] = field(default_factory=list)   # [num_prefill] (first row, rows)
+    context_slots: list[list[int]] = field(default_factory=list)          # [num_prefill] each [context + rows]
+    decode_rows: list[int] = field(default_factory=list)     # [num_decode]
+    tables: list[list[int]] = field(default_factory=list)    # [num_decode] block tables
+    lengths: list[int] = field(default_factory=list)         # [num_decode] tokens cached after this step
+    prefix_lengths: list[int] = field(default_factory=list)  # [num_decode] tokens of joined prefix blocks in front
 
 
 class ModelRunner:
@@ -24,64 +43,65 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
 
     def run(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
-        """Returns the step's sequences in batch order and their next-token logits [num_seqs, vocab]."""
+        """Returns the step's sequences that sample a token (those whose tokens this step reach their end), in
+        batch order, and their next-token logits [num_sampling, vocab]."""
         seqs, batch = self.prepare(step)
         if self.deltas is not None:
             self.deltas.prepare(batch)
         logits = self.model(batch, self.kv_cache)
+        sampling = []
         for seq in seqs:
-            seq.num_cached = len(seq)
-        return seqs, logits
+            seq.num_cached += step.num_tokens(seq)
+            if seq.num_cached == len(seq):
+                sampling.append(seq)
+        return sampling, logits
 
     def prepare(self, step: ScheduledStep) -> tuple[list[Sequence], BatchDescriptor]:
         # Sorting by adapter slot makes each adapter's rows one contiguous segment.
         seqs = sorted(step.sequences, key=lambda s: s.adapter_slot)
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        token_slots: list[int] = []
-        logits_rows: list[int] = []
-        prefill_ranges: list[tuple[int, int]] = []
-        decode_rows: list[int] = []
-        tables: list[list[int]] = []
-        lengths: list[int] = []
-        prefix_lengths: list[int] = []   # [num_decode] tokens of joined prefix blocks in front of each row
+        rows = _Rows()
         for seq in seqs:
-            start, total = len(ids), len(seq)
-            offset = self.deltas.position_offset(seq.adapter_slot) if self.deltas is not None else 0
-            if seq.num_cached == 0:
-                new_ids, first = seq.all_ids, 0
-                prefill_ranges.append((start, total))
-            else:
-                new_ids = [seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]]
-                first = total - 1
-                decode_rows.append(start)
-                prefix = self.deltas.kv_prefix(seq.adapter_slot) if self.deltas is not None else None
-                tables.append(prefix[0] + seq.block_table if prefix else seq.block_table)
-                prefix_lengths.append(prefix[1] if prefix else 0)
-                lengths.append(total)
-            ids.extend(new_ids)
-            pos = range(first, total)
-            positions.extend(p + offset for p in pos)
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            token_slots.extend([seq.adapter_slot] * len(new_ids))
-            logits_rows.append(len(ids) - 1)
+            self._add(rows, seq, step.num_tokens(seq))
+        bs = self.block_size
         batch = BatchDescriptor(
-            input_ids=self._tensor(ids),
-            positions=self._tensor(positions),
-            slot_mapping=self._tensor(slots),
-            logits_indices=self._tensor(logits_rows),
-            prefill_ranges=prefill_ranges,
-            decode_rows=self._tensor(decode_rows),
-            decode_block_tables=self._block_tables(tables),
-            decode_mask=self._decode_mask(tables, lengths, prefix_lengths),
+            input_ids=self._tensor(rows.ids),
+            positions=self._tensor(rows.positions),
+            slot_mapping=self._tensor(rows.slots),
+            logits_indices=self._tensor(rows.logits_rows),
+            prefill_ranges=rows.prefill_ranges,
+            decode_rows=self._tensor(rows.decode_rows),
+            decode_block_tables=self._block_tables(rows.tables),
+            decode_mask=self._decode_mask(rows.tables, rows.lengths, rows.prefix_lengths),
             block_size=bs,
-            segments=self._segments(seqs, token_slots),
-            decode_is_all=not prefill_ranges,
+            segments=self._segments(seqs, rows.token_slots),
+            decode_is_all=not rows.prefill_ranges,
+            prefill_context=[self._tensor(c) if c else None for c in rows.context_slots],
         )
         return seqs, batch
+
+    def _add(self, rows: _Rows, seq: Sequence, count: int) -> None:
+        """Appends the rows of `seq`'s next `count` tokens (positions num_cached onwards)."""
+        start, first = len(rows.ids), seq.num_cached
+        total = first + count
+        offset = self.deltas.position_offset(seq.adapter_slot) if self.deltas is not None else 0
+        table, bs = seq.block_table, self.block_size
+        if first == 0 or count > 1:
+            rows.prefill_ranges.append((start, count))
+            # A later chunk of a prompt also attends to the chunks before it, read back from the cache.
+            rows.context_slots.append([table[p // bs] * bs + p % bs for p in range(total)] if first else [])
+        else:
+            rows.decode_rows.append(start)
+            prefix = self.deltas.kv_prefix(seq.adapter_slot) if self.deltas is not None else None
+            rows.tables.append(prefix[0] + table if prefix else table)
+            rows.prefix_lengths.append(prefix[1] if prefix else 0)
+            rows.lengths.append(total)
+        rows.ids.extend(seq.all_ids[first:total])
+        pos = range(first, total)
+        rows.positions.extend(p + offset for p in pos)
+        rows.slots.extend(table[p // bs] * bs + p % bs for p in pos)
+        rows.token_slots.extend([seq.adapter_slot] * count)
+        if total == len(seq):
+            rows.logits_rows.append(len(rows.ids) - 1)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -26,20 +26,28 @@ class AdapterAdmission(Protocol):
 
 @dataclass
 class ScheduledStep:
-    """The sequences of one engine step: new prompts to prefill and running ones to decode."""
+    """The sequences of one engine step: prompts admitted now, prompts still being read (a chunk each) and
+    running sequences to decode. A sequence samples a token when its step's tokens reach its end."""
 
-    prefills: list[Sequence] = field(default_factory=list)
+    prefills: list[Sequence] = field(default_factory=list)     # admitted from the waiting queue this step
+    continuing: list[Sequence] = field(default_factory=list)   # running, their prompt not yet read whole
     decodes: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)  # left the queue: adapter unservable
+    chunks: dict[int, int] = field(default_factory=dict)   # id(seq) -> tokens it computes this step, if fewer
+    #                                                         than all it has not cached
 
     @property
     def sequences(self) -> list[Sequence]:
-        return self.prefills + self.decodes
+        return self.prefills + self.continuing + self.decodes
 
     @property
     def empty(self) -> bool:
-        return not self.prefills and not self.decodes
+        return not self.prefills and not self.continuing and not self.decodes
+
+    def num_tokens(self, seq: Sequence) -> int:
+        """Tokens `seq` computes this step (K/V written, positions num_cached onwards)."""
+        return self.chunks.get(id(seq), len(seq) - seq.num_cached)
 
 
 class Scheduler:
@@ -50,11 +58,13 @@ class Scheduler:
     """
 
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_batched_tokens: int,
-                 adapters: AdapterAdmission | None = None) -> None:
+                 adapters: AdapterAdmission | None = None, max_prefill_chunk: int | None = None) -> None:
         self.blocks = blocks
         self.adapters = adapters
         self.max_batch_size = max_batch_size
         self.max_batched_tokens = max_batched_tokens
+        # Prompt tokens read per step, all prompts together (None: as many as the token budget allows).
+        self.max_prefill_chunk = max_prefill_chunk or max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -66,16 +76,33 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledStep:
+        """Decodes first, then the next chunk of prompts being read (oldest first), then new prompts: prompt
+        tokens share at most `max_prefill_chunk` a step, within `max_batched_tokens` with the decodes, so running
+        streams keep their cadence while a long prompt is read over several steps."""
         step = ScheduledStep()
-        self._schedule_decodes(step)
-        budget = self.max_batched_tokens - len(step.decodes)
+        reading = self._schedule_decodes(step)
+        budget = min(self.max_prefill_chunk, self.max_batched_tokens - len(step.decodes))
+        for seq in reading:
+            if budget <= 0:
+                break
+            step.continuing.append(seq)
+            budget -= self._take_chunk(step, seq, budget)
         if self.adapters is not None:
             self.adapters.start_step(bool(step.decodes))
+        self._admit(step, budget)
+        return step
+
+    def _take_chunk(self, step: ScheduledStep, seq: Sequence, budget: int) -> int:
+        """Schedules up to `budget` of the tokens `seq` has not cached; returns how many."""
+        size = min(len(seq) - seq.num_cached, budget)
+        if size < len(seq) - seq.num_cached:
+            step.chunks[id(seq)] = size
+        return size
+
+    def _admit(self, step: ScheduledStep, budget: int) -> None:
         draining = False  # an aged request waits for a slot: admit only requests that need no new one
         for seq in self._admission_order():
-            if len(self.running) >= self.max_batch_size:
-                break
-            if step.prefills and len(seq) > budget:
+            if len(self.running) >= self.max_batch_size or budget <= 0:
                 break
             if not self.blocks.can_allocate(seq):
                 break
@@ -90,8 +117,7 @@ class Scheduler:
             self.waiting.remove(seq)
             self.running.append(seq)
             step.prefills.append(seq)
-            budget -= len(seq)
-        return step
+            budget -= self._take_chunk(step, seq, budget)
 
     def _admission_order(self) -> list[Sequence]:
         """Waiting requests whose adapter is on the device (or who need none) first, oldest first; requests
@@ -123,8 +149,10 @@ class Scheduler:
         lease.waited_steps += 1
         return None if outcome is Binding.NEEDS_SLOT and lease.waited_steps > AGE_LIMIT else False
 
-    def _schedule_decodes(self, step: ScheduledStep) -> None:
+    def _schedule_decodes(self, step: ScheduledStep) -> list[Sequence]:
+        """Schedules the running sequences with one token to compute; returns those still reading their prompt."""
         self.running.sort(key=lambda s: s.order)
+        reading: list[Sequence] = []
         index = 0
         while index < len(self.running):
             seq = self.running[index]
@@ -132,13 +160,14 @@ class Scheduler:
                 step.preempted.append(self._preempt(self.running.pop()))
             if self.blocks.can_append(seq):
                 self.blocks.append(seq)
-                step.decodes.append(seq)
+                (step.decodes if len(seq) - seq.num_cached == 1 else reading).append(seq)
                 index += 1
             else:
                 step.preempted.append(self._preempt(self.running.pop(index)))
         # Back to the front of the queue, oldest first.
         for seq in sorted(step.preempted, key=lambda s: s.order, reverse=True):
             self.waiting.appendleft(seq)
+        return reading   # preemption pops only sequences after the current one: these all still run
 
     def _preempt(self, seq: Sequence) -> Sequence:
         self.blocks.free(seq)

@@ -78,7 +78,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVLay
                     scale: float, layer: int) -> torch.Tensor:
     """Attention for a mixed step. q [num_tokens, heads, hd]; k, v [num_tokens, kv_heads, hd].
 
-    Returns [num_tokens, heads, hd]. Prefill rows attend causally to their own new tokens;
+    Returns [num_tokens, heads, hd]. Prefill rows attend causally to their own new tokens (a later chunk
+    of a prompt also to its earlier chunks, read back from the cache);
     decode rows attend to their whole cached context (this step's token already written). Rows
     with joined keys/values (prefix tuning) also attend to those, in front, always visible.
     """
@@ -89,7 +90,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVLay
     for index, (start, length) in enumerate(batch.prefill_ranges):
         rows = slice(start, start + length)
         extra = joined.prefill(layer, index) if joined else None
-        out[rows] = _prefill(q[rows], k[rows], v[rows], scale, extra)
+        context = batch.prefill_context[index] if batch.prefill_context else None
+        if context is None:
+            out[rows] = _prefill(q[rows], k[rows], v[rows], scale, extra)
+        else:   # a later chunk: the keys/values of the whole sequence so far, from the cache
+            out[rows] = _prefill(q[rows], kv.k[context], kv.v[context], scale, extra)
     if batch.num_decode:
         rows = batch.decode_rows
         out[rows] = _decode(q[rows], kv, batch, scale, joined.decode(layer) if joined else None)
@@ -98,12 +103,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVLay
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
              extra: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """q [T, H, hd] are the last T of the S tokens whose keys/values k, v [S, kvh, hd] are given (S > T for a
+    later chunk of a prompt): query i sees keys 0..S-T+i, and every joined key in front."""
     mask = None
-    if extra is not None:
-        # [P + T, kvh, hd]: the joined keys first, visible to every query; causal among the real tokens.
-        num_extra, length = extra[0].shape[0], q.shape[0]
-        k, v = torch.cat((extra[0], k)), torch.cat((extra[1], v))
-        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    length, context = q.shape[0], k.shape[0] - q.shape[0]
+    if extra is not None or context:
+        # [T, P + S]: the joined keys first, visible to every query; causal among the real tokens.
+        num_extra = extra[0].shape[0] if extra is not None else 0
+        if extra is not None:
+            k, v = torch.cat((extra[0], k)), torch.cat((extra[1], v))
+        causal = torch.ones(length, context + length, dtype=torch.bool, device=q.device).tril(context)
         mask = torch.cat((torch.ones(length, num_extra, dtype=torch.bool, device=q.device), causal), dim=1)
     # [T, H, hd] -> [1, H, T, hd]
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))

@@ -48,7 +48,8 @@ class BatchDescriptor:
     positions: torch.Tensor      # [num_tokens] RoPE position of each token (shifted by a prefix's length if any)
     slot_mapping: torch.Tensor   # [num_tokens] flat KV cache slot (block * block_size + offset)
     logits_indices: torch.Tensor  # [num_seqs] row of each sequence's last token
-    # Prefill sequences attend only to their own new tokens (no cached context), causally.
+    # Prefill rows attend causally to their own new tokens and, for a later chunk of a prompt, to the
+    # tokens of its earlier chunks (prefill_context).
     prefill_ranges: list[tuple[int, int]]  # [num_prefill] (first row, number of rows)
     # Decode sequences contribute one row each and attend to their cached context.
     decode_rows: torch.Tensor          # [num_decode] row index of each decode sequence
@@ -61,6 +62,9 @@ class BatchDescriptor:
     method_state: dict[str, Any] = field(default_factory=dict)
     # Extra keys/values joined to some rows' attention (prefix tuning), set by a delta method.
     joined_kv: JoinedKV | None = None
+    # [num_prefill] each None (a first chunk: no context) or [context + rows] flat KV slots of all the sequence's
+    # tokens up to the chunk's last, this step's included (written before attention reads them).
+    prefill_context: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
