@@ -40,11 +40,15 @@ RUN python -m grpc_tools.protoc -Iprotos --python_out=protos --grpc_python_out=p
         protos/deltaserve/v1/*.proto \
     && touch protos/deltaserve/__init__.py protos/deltaserve/v1/__init__.py \
     && pip install -q --no-deps --no-build-isolation . \
-    && python -c "from server.model.default_model import default_model_dir as d; print(d('$DELTASERVE_CACHE_DIR'))"
+    && python -c "from server.model.default_model import default_model_dir as d; print(d('$DELTASERVE_CACHE_DIR'))" \
+    && chmod -R a+rX "$DELTASERVE_CACHE_DIR"
 
 COPY examples/adapters /opt/deltaserve/examples/adapters
 
-RUN useradd --system --uid 10001 --create-home --home-dir /home/deltaserve deltaserve \
+# The converter and safetensors write owner-only files (chmod in the RUN that writes them: a later one would copy
+# them into a new layer); the server's user only reads them.
+RUN useradd --uid 10001 --create-home --home-dir /home/deltaserve --shell /usr/sbin/nologin deltaserve \
+    && chmod -R a+rX /opt/deltaserve/examples \
     && mkdir -p /srv/adapters && chown deltaserve /srv/adapters
 USER 10001
 WORKDIR /home/deltaserve

