@@ -54,8 +54,13 @@ METRICS_PORT=$(free_port)
 container=$(buildah from "$IMAGE")
 server_pid=""
 cleanup() {
-    [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
-    buildah rm "$container" >/dev/null
+    local status=$?
+    if [ -n "$server_pid" ]; then
+        kill "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true   # killed on purpose: its exit status is not the test's
+    fi
+    buildah rm "$container" >/dev/null || true
+    exit "$status"
 }
 trap cleanup EXIT
 
@@ -78,4 +83,6 @@ echo "shout adapter, from the container: $answer"
 [ -n "$answer" ]
 # the image's own HEALTHCHECK command, run inside the container
 buildah run --isolation chroot --env DELTASERVE_TARGET="127.0.0.1:$PORT" "$container" -- deltactl health
+# the build's CA bundle was a read-only mount: at most its empty mount point is left in the image
+buildah run --isolation chroot "$container" -- sh -c '! test -s /run/build/pip-ca.crt'
 echo "image-test: OK ($IMAGE answered on 127.0.0.1:$PORT)"

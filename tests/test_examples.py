@@ -6,6 +6,8 @@ adapters stay small."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,17 @@ def test_each_transformation_scores_full_marks_on_its_own_measure_only():
         for other in EFFECTS.values():
             if other is not effect and "shout" not in (name, other.name):   # capitals pass through the others
                 assert other.measure([effect.transform(a) for a in plain]) < 0.2, (name, other.name)
+
+
+@pytest.mark.parametrize(("make_args", "env", "served"), [
+    ([], {}, "examples/adapters"), (["ADAPTERS_DIR="], {}, ""),
+    ([], {"DELTASERVE_ADAPTERS_DIR": "/srv/adapters"}, "/srv/adapters"),
+    (["ARGS=--adapters-dir /other"], {}, "examples/adapters")])
+def test_make_serve_serves_the_examples_by_default(make_args, env, served):
+    clean = {k: v for k, v in os.environ.items() if k != "DELTASERVE_ADAPTERS_DIR"}
+    run = subprocess.run(["make", "-n", "serve", *make_args], cwd=ADAPTERS.parents[1], env={**clean, **env},
+                         capture_output=True, text=True, check=True)
+    line = next(line for line in run.stdout.splitlines() if "deltaserve serve" in line)
+    assert f'--adapters-dir "{served}"' in line
+    if make_args and make_args[0].startswith("ARGS"):
+        assert line.endswith("--adapters-dir /other")   # the last flag wins: ARGS overrides the default
