@@ -46,7 +46,8 @@ def test_signal_drains_in_flight_and_refuses_new(tiny_model_dir, cache_dir, sig)
     env = {**os.environ, "DELTASERVE_PORT": str(port)}  # the env twin of --port
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_dir), "--cache-dir", cache_dir,
-         "--host", "127.0.0.1", "--metrics-port", "-1", "--kv-cache-tokens", "2048", "--grace-period", "20"],
+         "--host", "127.0.0.1", "--metrics-port", "-1", "--http-port", "0", "--kv-cache-tokens", "2048",
+         "--grace-period", "20"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
