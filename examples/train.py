@@ -219,6 +219,10 @@ def train_peft(kind: str, model_dir: Path, data: list, recipe: Recipe, pad: int,
     params = [p for p in model.parameters() if p.requires_grad]
     loss = fit(model, params, data, recipe, pad, out.name)
     model.save_pretrained(out)
+    config_file = out / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = BASE_NAME   # not this machine's cache path
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     to_half(out / "adapter_model.safetensors")
     return loss
 
