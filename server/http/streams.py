@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 from server.engine.admission import RequestHandle
 from server.engine.engine import Engine
@@ -24,7 +23,6 @@ class MultiStream:
         self.requests = requests
         self._queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
         self._unfinished: set[int] = set()
-        self._handles: dict[int, Any] = {}      # what submit returned, per choice
         self._handles: dict[int, RequestHandle] = {}   # by choice index: cancel this request, not its request_id
 
     async def __aenter__(self) -> MultiStream:
@@ -68,11 +66,9 @@ class MultiStream:
         self._unfinished.clear()
 
     def _cancel(self, index: int) -> None:
-        cancel = getattr(self._handles.get(index), "cancel", None)
-        if cancel is not None:      # submit's RequestHandle, where the engine returns one
-            cancel()
-        else:
-            self.engine.cancel(self.requests[index].request_id)
+        handle = self._handles.get(index)   # every unfinished choice was submitted, so it has a handle
+        if handle is not None:
+            handle.cancel()
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) until every request has finished; raises an error the engine reports for one."""
