@@ -40,6 +40,9 @@ def run_block(server: ServerThread, lang: str, code: str) -> str:
     http = server.http_url.split("//", 1)[1].rstrip("/")
     for default, live in (("localhost:50051", server.target), ("localhost:9400", metrics), ("localhost:8000", http)):
         code = code.replace(default, live)
+    # The README's commands name the checkout's .venv; run them from the environment running the tests (make
+    # test-latest uses .venv-latest).
+    code = code.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
     env = {**os.environ, "DELTASERVE_TARGET": server.target}
     command = ["bash", "-euo", "pipefail", "-c", code] if lang == "sh" else [sys.executable, "-c", code]
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
