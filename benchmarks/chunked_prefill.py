@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import PROMPTS, emit  # noqa: E402
+from benchmarks.hotload import StreamClock  # noqa: E402
 from deltaserve.v1 import generation_pb2 as pb  # noqa: E402
 from tests.helpers import ServerThread  # noqa: E402
 
@@ -33,23 +33,11 @@ PARAGRAPH = ("The history of the river valley is a long one. Farmers settled alo
              "each autumn the harvest was carried to market on flat boats. ")
 
 
-class Stream:
+class Stream(StreamClock):
     """One decoding gRPC stream; records when each token arrived."""
 
     def __init__(self, server: ServerThread, prompt: str) -> None:
-        self.times: list[float] = []
-        self.call = server.stub.GenerateStream(pb.GenerateRequest(
-            text=prompt, stopping=pb.StoppingCriteria(max_new_tokens=3000, ignore_eos=True)))
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        try:
-            for event in self.call:
-                if event.HasField("token"):
-                    self.times.append(time.perf_counter())
-        except Exception:  # noqa: BLE001 — cancelled at the end
-            pass
+        super().__init__(server, 3000, prompt)
 
     def gaps(self, end: float) -> list[float]:
         times = [t for t in self.times[WARM_TOKENS - 1:] if t <= end]

@@ -128,8 +128,8 @@ def latency(server: ServerThread, paths: list[Path], slots: int) -> dict[str, An
 class StreamClock:
     """A long stream whose token arrival times are recorded by a background reader."""
 
-    def __init__(self, server: ServerThread, tokens: int) -> None:
-        request = pb.GenerateRequest(text=PROMPT, stopping=pb.StoppingCriteria(max_new_tokens=tokens,
+    def __init__(self, server: ServerThread, tokens: int, prompt: str = PROMPT) -> None:
+        request = pb.GenerateRequest(text=prompt, stopping=pb.StoppingCriteria(max_new_tokens=tokens,
                                                                                ignore_eos=True))
         self.call = server.stub.GenerateStream(request)
         self.times: list[float] = []

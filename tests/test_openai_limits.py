@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
 from tests.helpers import ServerThread
+from tests.hotload_helpers import wait_until
 from tests.openai_fixtures import MODEL_ID, default_shape, write_peft_prefix
 
 pytestmark = pytest.mark.integration
@@ -38,13 +38,6 @@ def served(cache_dir, load_root):
 def http(served):
     with httpx.Client(base_url=served.http_url, timeout=60, headers={"authorization": f"Bearer {KEY}"}) as client:
         yield client
-
-
-def _wait_until(predicate, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def _error(response: httpx.Response, status: int) -> dict:
@@ -74,13 +67,14 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_kv(served, http):
         short = {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 3}
         thread = threading.Thread(target=lambda: waiting.append(http.post("/v1/completions", json=short)))
         thread.start()
-        _wait_until(lambda: engine.stats().waiting == 1)
+        wait_until(lambda: engine.stats().waiting == 1, timeout=30)
         full = _error(http.post("/v1/completions", json=short), 429)
         assert full["code"] == "queue_full"
     # The stream's client went away: its request is cancelled, so the waiting one runs and ends.
     thread.join(timeout=60)
     assert waiting and waiting[0].status_code == 200
-    _wait_until(lambda: engine.stats().running == 0 and engine.stats().free_blocks == engine.stats().total_blocks)
+    wait_until(lambda: engine.stats().running == 0 and engine.stats().free_blocks == engine.stats().total_blocks,
+               timeout=30)
 
 
 def test_admin_adapters_behind_the_admin_token(served, http, load_root):
