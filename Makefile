@@ -53,7 +53,7 @@ lint: install
 # tag (+cpu here) is dropped so that the same pin takes the CUDA build on a GPU host.
 lock: $(BIN)/python
 	$(BIN)/pip install -q pip-tools
-	$(BIN)/pip-compile -q --upgrade --extra test --strip-extras --allow-unsafe --no-emit-index-url \
+	$(BIN)/pip-compile -q --upgrade --extra test --extra ray --strip-extras --allow-unsafe --no-emit-index-url \
 		--no-emit-find-links --all-build-deps -o $(LOCK) pyproject.toml
 	sed -i -E 's/^(torch==[0-9.]+)\+[a-z0-9]+/\1/' $(LOCK)
 
