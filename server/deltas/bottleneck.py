@@ -5,38 +5,25 @@ or sequential (input = its output); composition h <- h + s * delta on the residu
 sub-block. The multi-head parallel adapter is the parallel form at the attention sub-block.
 
 Weights live in preallocated per-(layer, sub-block) stacks with one slot per resident adapter, the scale folded
-into the up projection and its bias. Each site applies the step's groups (server/deltas/groups.py) whose
-adapters act there, reading their weights in place or gathering them once per plan, lower ranks zero-padded to
-the group's largest (exact for any activation: the padded rows of the up projection are zero).
+into the up projection and its bias. Each site applies them through the kernel backend chosen for the device
+(server/kernels/): on CPU the step's groups (server/deltas/groups.py) whose adapters act there, reading their
+weights in place or gathering them once per plan, lower ranks zero-padded to the group's largest (exact for any
+activation: the padded rows of the up projection are zero); on CUDA one fused rank-exact Triton kernel.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
-from adapters_store.types import ACTIVATIONS, BOTTLENECK_INPUTS, BottleneckModule, BottleneckParts, activate
+from adapters_store.types import ACTIVATIONS, BOTTLENECK_INPUTS, BottleneckModule, BottleneckParts
 from server.deltas.base import DeltaLimits, DeltaRejected, register_method
 from server.deltas.bottleneck_reference import apply_bottleneck_reference
-from server.deltas.groups import GroupedMethod, GroupPlanner, RankedStacks, SegmentGroups
+from server.deltas.groups import GroupedMethod, RankedStacks
+from server.kernels.interface import BottleneckKernel, KernelBackend, SegmentPlanner
 from server.model.batch import BatchDescriptor
 from server.model.llama import SUB_BLOCKS, CausalLM
-
-
-@dataclass
-class GroupedWeights:
-    """One site's weights for a step's groups, gathered once per plan."""
-
-    groups: SegmentGroups     # the step's groups with a module at this site
-    down_t: torch.Tensor      # [G, d, r]
-    down_bias: torch.Tensor   # [G, 1, r]
-    up_t: torch.Tensor        # [G, r, d], scale folded in
-    up_bias: torch.Tensor     # [G, 1, d], scale folded in
-    # (name, [G, 1, 1] mask of the groups using it); the first applies wherever no later mask does.
-    inputs: list[tuple[str, torch.Tensor | None]]
-    activations: list[tuple[str, torch.Tensor | None]]
 
 
 class BottleneckSite:
@@ -47,7 +34,7 @@ class BottleneckSite:
     """
 
     def __init__(self, limits: DeltaLimits, hidden: int, dtype: torch.dtype, device: torch.device,
-                 planner: GroupPlanner) -> None:
+                 backend: KernelBackend, planner: SegmentPlanner) -> None:
         slots, rank = limits.num_slots, limits.max_bottleneck_rank
         # torch.empty: only the rows placements write become resident (RankedStacks zeroes what is read beyond)
         self.down = torch.empty(slots, rank, hidden, dtype=dtype, device=device)
@@ -59,9 +46,12 @@ class BottleneckSite:
         self.inputs = [BOTTLENECK_INPUTS[0]] * slots
         self.activations = [ACTIVATIONS[0]] * slots
         self.multi: dict[int, list[BottleneckModule]] = {}
-        self.planner = planner
-        self.gathered: GroupedWeights | None = None
-        self.gathered_plan = -1
+        self.kernel: BottleneckKernel = backend.bottleneck_kernel(self, planner)
+
+    @property
+    def gathered(self) -> object:
+        """What the kernel gathered for the current plan (the grouped torch backend; None elsewhere)."""
+        return getattr(self.kernel, "gathered", None)
 
     def write(self, slot: int, m: BottleneckModule) -> None:
         r = m.rank
@@ -86,67 +76,14 @@ class BottleneckSite:
 
     def __call__(self, sub_in: torch.Tensor, sub_out: torch.Tensor, block_out: torch.Tensor,
                  batch: BatchDescriptor) -> None:
-        step: SegmentGroups | None = batch.method_state.get(BottleneckMethod.name)
+        step = batch.method_state.get(BottleneckMethod.name)
         if step is None:
             return
         inputs = {"sublayer_input": sub_in, "sublayer_output": sub_out, "block_output": block_out}
-        if step.groups:
-            self._apply_groups(step, inputs, block_out)
-        for start, end, slot in step.loop:
-            self._apply_segment(start, end, slot, inputs, block_out)
-
-    def _apply_groups(self, step: SegmentGroups, inputs: dict[str, torch.Tensor], block_out: torch.Tensor) -> None:
-        if self.gathered_plan != step.plan_id:
-            self.gathered, self.gathered_plan = self._gather(step), step.plan_id
-        w = self.gathered
-        if w is not None:
-            groups = w.groups
-            x = groups.pad(inputs[w.inputs[0][0]])                   # [G, M, d]
-            for name, mask in w.inputs[1:]:
-                x = torch.where(mask, groups.pad(inputs[name]), x)
-            hid = torch.baddbmm(w.down_bias, x, w.down_t)            # [G, M, r]
-            act = activate(w.activations[0][0], hid)
-            for name, mask in w.activations[1:]:
-                act = torch.where(mask, activate(name, hid), act)
-            groups.add_to(block_out, torch.baddbmm(w.up_bias, act, w.up_t))  # [G, M, d]
-        if self.multi:
-            sub_in, sub_out = inputs["sublayer_input"], inputs["sublayer_output"]
+        self.kernel(step, inputs, block_out)
+        if self.multi:   # slots with several modules here: in order, by the reference loop
             apply_bottleneck_reference(sub_in, sub_out, block_out,
-                                       [(b, e, self.multi[s]) for b, e, s in step.groups if s in self.multi])
-
-    def _gather(self, step: SegmentGroups) -> GroupedWeights | None:
-        """The groups with one module here and their weights; None when there are none."""
-        found = self.stacks.gather(step, self.planner)
-        if found is None:
-            return None
-        groups, (down, down_bias, up_t) = found
-        up_bias = groups.slot_rows(self.up_bias)
-        slots = [slot for _, _, slot in groups.groups]
-
-        def choices(values: list[str]) -> list[tuple[str, torch.Tensor | None]]:
-            """(name, [G, 1, 1] mask of the groups using it) of each value in use; the first needs no mask."""
-            used = list(dict.fromkeys(values[g] for g, (start, end, _) in enumerate(groups.groups) if end > start))
-            return [(name, None if i == 0 else torch.tensor([v == name for v in values], device=down.device)
-                     .view(-1, 1, 1)) for i, name in enumerate(used)]
-
-        return GroupedWeights(
-            groups=groups, down_t=down.transpose(1, 2), down_bias=down_bias.unsqueeze(1), up_t=up_t,
-            up_bias=up_bias.unsqueeze(1), inputs=choices([self.inputs[s] for s in slots]),
-            activations=choices([self.activations[s] for s in slots]))
-
-    def _apply_segment(self, start: int, end: int, slot: int, inputs: dict[str, torch.Tensor],
-                       block_out: torch.Tensor) -> None:
-        if slot in self.multi:
-            apply_bottleneck_reference(inputs["sublayer_input"], inputs["sublayer_output"], block_out,
-                                       [(start, end, self.multi[slot])])
-            return
-        r = self.ranks[slot]
-        if not r:
-            return
-        x = inputs[self.inputs[slot]][start:end]
-        hid = torch.addmm(self.down_bias[slot, :r], x, self.down[slot, :r].t())      # [n, r]
-        act = activate(self.activations[slot], hid)
-        block_out[start:end] += torch.addmm(self.up_bias[slot], act, self.up_t[slot, :r])
+                                       [(b, e, self.multi[s]) for b, e, s in step.segments if s in self.multi])
 
 
 @register_method
@@ -184,7 +121,7 @@ class BottleneckMethod(GroupedMethod):
         for key, modules in by_site.items():
             site = self.sites.get(key)
             if site is None:
-                site = BottleneckSite(self.limits, self.hidden, self.dtype, self.device, self.planner)
+                site = BottleneckSite(self.limits, self.hidden, self.dtype, self.device, self.backend, self.planner)
                 self.sites[key] = site
                 self.layers[key[0]].block_hooks[key[1]].append(site)
             if len(modules) == 1:

@@ -6,7 +6,8 @@ segments as [G, M, d] (each padded to the longest, M rows), against the G adapte
 [G, d, r] and [G, r, out]. Long segments (prefill) stay in a loop, one pair of matrix products each.
 
 GroupPlanner plans the layout per step; RankedStacks holds a site's per-slot weights and reads them for a
-layout; GroupedMethod is the part of LoRA and the bottleneck adapters that only routes slots to their sites.
+layout (the grouped torch backend, server/kernels/torch_grouped.py, applies them); GroupedMethod is the part of
+LoRA and the bottleneck adapters that only routes slots to their sites and picks the kernel backend.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from server.deltas.base import DeltaLimits, DeltaMethod, adapter_segments
+from server.kernels.interface import KernelBackend, SegmentPlanner
+from server.kernels.registry import select_backend
 from server.model.batch import BatchDescriptor
 from server.model.llama import CausalLM
 
@@ -52,6 +55,11 @@ class SegmentGroups:
     slot_range: tuple[int, int] | None = None
     # Same layout and placements as the previous step: every site's gathered weights are still right.
     reuse_gathered: bool = False
+
+    @property
+    def segments(self) -> list[Segment]:
+        """Every segment of the step, grouped or looped."""
+        return self.groups + self.loop
 
     @property
     def unpadded(self) -> bool:
@@ -176,12 +184,24 @@ class RankedStacks:
         self.stacks = stacks
         self.ranks = [0] * stacks[0].shape[0]    # 0: nothing of the slot's adapter here
         self.zeroed = [0] * stacks[0].shape[0]   # rows known to hold the slot's weights or zeros
+        self.version = 0                          # bumped by every placement and erasure
+        self._device_ranks: tuple[int, torch.Tensor] | None = None
 
     def placed(self, slot: int, rank: int) -> None:
         self.ranks[slot] = self.zeroed[slot] = rank
+        self.version += 1
 
     def erase(self, slot: int) -> None:
         self.ranks[slot] = 0
+        self.version += 1
+
+    def device_ranks(self) -> torch.Tensor:
+        """[slots] int32 ranks on the stacks' device (kernels that read each slot's rank there); rebuilt only
+        after a placement or erasure."""
+        if self._device_ranks is None or self._device_ranks[0] != self.version:
+            ranks = torch.tensor(self.ranks, dtype=torch.int32, device=self.stacks[0].device)
+            self._device_ranks = (self.version, ranks)
+        return self._device_ranks[1]
 
     def gather(self, step: SegmentGroups, planner: GroupPlanner) -> tuple[SegmentGroups, list[torch.Tensor]] | None:
         """The step's groups with something here, and each stack's rows for them ([G, r, ...], r the largest
@@ -207,16 +227,18 @@ class RankedStacks:
 
 
 class GroupedMethod(DeltaMethod):
-    """A method whose sites hold per-slot weights and apply the step's grouped segments (LoRA, bottleneck
-    adapters). Sites implement `erase(slot)`; subclasses fill `sites` and `slot_has` and bump `version` when
-    they place."""
+    """A method whose sites hold per-slot weights and apply the step's segments through the kernel backend
+    chosen for the model's device (LoRA, bottleneck adapters). Sites implement `erase(slot)`; subclasses fill
+    `sites` and `slot_has` and bump `version` when they place."""
 
     def __init__(self, model: CausalLM, limits: DeltaLimits) -> None:
         super().__init__(model, limits)
         self.sites: dict = {}
         self.slot_has = [False] * limits.num_slots
         self.version = 0          # bumped by every place/clear: invalidates plans and gathered weights
-        self.planner = GroupPlanner(model.lm_head.weight.device)
+        device = model.lm_head.weight.device
+        self.backend: KernelBackend = select_backend(device)
+        self.planner: SegmentPlanner = self.backend.planner(device)
 
     def clear(self, slot: int) -> None:
         for site in self.sites.values():
