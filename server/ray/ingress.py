@@ -1,0 +1,166 @@
+"""The application's ingress: the deltaserve.v1 gRPC methods (behind Ray's gRPC proxy) and the OpenAI HTTP API
+(behind Ray's HTTP proxy), each request sent to the engine deployment with its adapter as the multiplexed model
+id, so Ray routes it to a replica that holds the adapter. Stock clients need nothing extra."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from deltaserve.v1 import generation_pb2 as pb
+from server.http.errors import ApiError
+from server.http.responses import DONE, sse
+from server.http.translate import resolve_model
+from server.ray import retry
+from server.ray.asgi import portable_scope
+from server.ray.calls import ReplicaAbort, cause
+from server.ray.settings import RayAppSettings
+from server.service.server import GENERATION_SERVICE
+
+log = logging.getLogger("deltaserve.ray")
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def _fail(context: Any, error: BaseException) -> None:
+    """Sets the gRPC status a failed call ends with; errors that are not ours go on to Ray's proxy."""
+    reason = cause(error)
+    if isinstance(reason, ReplicaAbort):
+        context.set_code(reason.status)
+        context.set_details(reason.details)
+    elif isinstance(reason, retry.ReplicaLost):
+        context.set_code(grpc.StatusCode.UNAVAILABLE)
+        context.set_details(str(reason))
+    else:
+        raise error
+
+
+@serve.deployment(name="DeltaIngress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+class DeltaIngress:
+    """Routes each request by its adapter: gRPC `adapter_id`, HTTP `model`; sends it again when the replica
+    serving it dies before an answer went out."""
+
+    def __init__(self, engine: DeploymentHandle, args: dict[str, Any]) -> None:
+        self.engine = engine
+        self.retries = RayAppSettings.from_args(args).replica_retries
+        self._base_id = ""
+
+    def _to(self, adapter: str, streaming: bool = False) -> DeploymentHandle:
+        return self.engine.options(multiplexed_model_id=adapter, stream=streaming)
+
+    def _adapter(self, request: pb.GenerateRequest) -> str:
+        """The adapter a gRPC request names; the `multiplexed_model_id` metadata, when a client sends it, must
+        agree (a mismatch would defeat the routing)."""
+        routed = serve.get_multiplexed_model_id()
+        if routed and routed != request.adapter_id:
+            raise ReplicaAbort("INVALID_ARGUMENT", f"metadata multiplexed_model_id {routed[:128]!r} differs from "
+                               f"adapter_id {request.adapter_id[:128]!r}")
+        return request.adapter_id
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:  # noqa: N802
+        try:
+            adapter = self._adapter(request)
+            return await retry.call(lambda: self._to(adapter).generate.remote(request), self.retries)
+        except Exception as error:
+            _fail(grpc_context, error)
+            return pb.GenerateResponse()
+
+    async def GenerateStream(self, request: pb.GenerateRequest,  # noqa: N802
+                             grpc_context: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
+        try:
+            adapter = self._adapter(request)
+            async for message in retry.stream(lambda: self._to(adapter, True).generate_stream.remote(request),
+                                              self.retries):
+                yield message
+        except Exception as error:
+            _fail(grpc_context, error)
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: Any) -> pb.ModelInfoResponse:  # noqa: N802
+        return await retry.call(lambda: self._to("").model_info.remote(), self.retries)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,  # noqa: N802
+                    grpc_context: Any) -> health_pb2.HealthCheckResponse:
+        """grpc.health.v1: SERVING when an engine replica answers."""
+        if request.service not in ("", GENERATION_SERVICE):
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {request.service[:128]!r}")
+            return health_pb2.HealthCheckResponse()
+        try:
+            await self._base_model_id()
+        except Exception as error:  # no replica running (yet): that is what NOT_SERVING says
+            log.info("health check: %s", error)
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def __call__(self, request: Request) -> Response:
+        """The OpenAI API: the whole body is read here, `model` names the adapter, the replica's app answers."""
+        body = await request.body()
+        scope = portable_scope(request.scope)
+        fields = _json_fields(scope, body)
+        adapter = resolve_model(str(fields.get("model", "")), await self._base_model_id()) if fields else ""
+        handle = self._to(adapter, True)
+        if fields.get("stream") is True:
+            return await _streamed(retry.stream(lambda: handle.http.remote(scope, body), self.retries))
+        try:
+            messages = await retry.call(lambda: _collect(handle.http.remote(scope, body)), self.retries)
+        except retry.ReplicaLost as error:
+            return _lost(error)
+        start = messages[0]
+        response = Response(b"".join(m.get("body", b"") for m in messages[1:]), status_code=start["status"])
+        response.raw_headers = list(start.get("headers", []))
+        return response
+
+    async def _base_model_id(self) -> str:
+        if not self._base_id:
+            self._base_id = await retry.call(lambda: self._to("").base_model_id.remote(), self.retries)
+        return self._base_id
+
+
+def _json_fields(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
+    """The generation request's JSON object ({} for other routes or a body that is not one: the app refuses it)."""
+    if scope.get("method") != "POST" or scope.get("path", "").rstrip("/") not in GENERATE_PATHS:
+        return {}
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+async def _collect(messages: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [message async for message in messages]
+
+
+def _lost(error: Exception) -> Response:
+    body = ApiError(503, str(error), "server_error", code="replica_lost").body()
+    return Response(json.dumps(body), status_code=503, media_type="application/json")
+
+
+async def _streamed(messages: AsyncIterator[dict[str, Any]]) -> Response:
+    """A streamed answer: the status and headers once the replica started it, then its events as they come; a
+    replica lost mid-stream ends it with an error event (what OpenAI's clients read after the headers)."""
+    try:
+        start = await anext(messages)
+    except retry.ReplicaLost as error:
+        return _lost(error)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for message in messages:
+                if message.get("body"):
+                    yield message["body"]
+        except retry.ReplicaLost as error:
+            yield sse(ApiError(503, str(error), "server_error", code="replica_lost").body())
+            yield DONE
+
+    response = StreamingResponse(events(), status_code=start["status"])
+    response.raw_headers = list(start.get("headers", []))
+    return response
