@@ -11,6 +11,9 @@ import grpc
 
 TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, API_KEY_ENV = ("DELTASERVE_TLS_CA", "DELTASERVE_TLS_CERT", "DELTASERVE_TLS_KEY",
                                                       "DELTASERVE_API_KEY")
+RAY_ENV = "DELTASERVE_RAY"
+# The gRPC metadata Ray Serve's proxy routes on: requests go to a replica that already holds this model (adapter).
+MULTIPLEXED_MODEL_ID = "multiplexed_model_id"
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,12 @@ def open_aio_channel(target: str, tls: TlsOptions | None) -> grpc.aio.Channel:
 def bearer(secret: str | None) -> tuple[tuple[str, str], ...]:
     """The metadata a call carries for a secret: `authorization: Bearer <secret>` when one is given."""
     return (("authorization", f"Bearer {secret}"),) if secret else ()
+
+
+def ray_from_env() -> bool:
+    return os.environ.get(RAY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def routing(adapter_id: str, ray: bool) -> tuple[tuple[str, str], ...]:
+    """The metadata that routes a request for `adapter_id` on Ray Serve (nothing for the base model, or off Ray)."""
+    return ((MULTIPLEXED_MODEL_ID, adapter_id),) if ray and adapter_id else ()

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from clients.adapters import add_adapters
-from clients.channel import API_KEY_ENV, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TlsOptions
+from clients.channel import API_KEY_ENV, RAY_ENV, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TlsOptions, ray_from_env
 from clients.client import DEFAULT_TARGET, DeltaClient
 from clients.messages import GenerationResult, TokenChunk
 
@@ -40,13 +40,16 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--tls-key", default=tls.key, metavar="PEM", help=f"its private key (env {TLS_KEY_ENV})")
     common.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
                         help=f"API key for inference calls (env {API_KEY_ENV}; prefer the env var: flags show in ps)")
+    common.add_argument("--ray", action="store_true", default=ray_from_env(),
+                        help="the target is Ray Serve's gRPC proxy: send the adapter as the multiplexed_model_id "
+                             f"metadata it routes on (env {RAY_ENV}=1)")
     return common
 
 
 def connection(args: argparse.Namespace) -> dict[str, Any]:
-    """The DeltaClient keywords the common options give: deadline, TLS files, API key."""
+    """The DeltaClient keywords the common options give: deadline, TLS files, API key, Ray routing."""
     return {"timeout": args.timeout, "tls": TlsOptions(args.tls_ca, args.tls_cert, args.tls_key),
-            "api_key": args.api_key}
+            "api_key": args.api_key, "ray": args.ray}
 
 
 def _client(args: argparse.Namespace) -> DeltaClient:

@@ -9,7 +9,7 @@ from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.adapters import adapter_info_to_dict
-from clients.channel import TlsOptions, bearer, open_channel
+from clients.channel import TlsOptions, bearer, open_channel, routing
 from clients.messages import GenerationResult, StreamEvent, build_request, event_from_pb, result_from_pb
 from deltaserve.v1 import adapters_pb2 as apb
 from deltaserve.v1 import adapters_pb2_grpc as apb_grpc
@@ -74,15 +74,18 @@ class DeltaClient:
 
     `timeout` (seconds) is the deadline of every call (for a stream, of the whole stream); `metadata`
     (key, value) pairs are sent with every call; `api_key` with the inference calls, `admin_token` with the adapter
-    admin calls; `tls` makes it a TLS channel (mutual TLS with a client certificate).
+    admin calls; `tls` makes it a TLS channel (mutual TLS with a client certificate); `ray` adds the
+    `multiplexed_model_id` metadata (the request's adapter) that Ray Serve routes on (docs/scale-out.md).
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None, metadata: Metadata = (),
-                 admin_token: str | None = None, api_key: str | None = None, tls: TlsOptions | None = None) -> None:
+                 admin_token: str | None = None, api_key: str | None = None, tls: TlsOptions | None = None,
+                 ray: bool = False) -> None:
         self.target = target
         self.timeout = timeout
         self._admin_metadata = tuple(metadata) + bearer(admin_token)
         self.metadata = tuple(metadata) + bearer(api_key)
+        self.ray = ray
         self._channel = open_channel(target, tls)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -96,7 +99,7 @@ class DeltaClient:
         """Generates a completion and returns it whole. `options` are `build_request`'s keywords (messages,
         adapter, sampling and stopping); ValueError unless exactly one of `prompt` or `messages` is given."""
         request = build_request(prompt, **options)
-        response = self._stub.Generate(request, timeout=self.timeout, metadata=self.metadata)
+        response = self._stub.Generate(request, timeout=self.timeout, metadata=self._routed(request))
         return result_from_pb(response)
 
     def generate_stream(
@@ -106,7 +109,11 @@ class DeltaClient:
     ) -> GenerationStream:
         """Like `generate`, but yields `TokenChunk`s as they come and finally the `GenerationResult`."""
         request = build_request(prompt, **options)
-        return GenerationStream(self._stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata))
+        call = self._stub.GenerateStream(request, timeout=self.timeout, metadata=self._routed(request))
+        return GenerationStream(call)
+
+    def _routed(self, request: pb.GenerateRequest) -> tuple[tuple[str, str | bytes], ...]:
+        return tuple(self.metadata) + routing(request.adapter_id, self.ray)
 
     def model_info(self) -> dict[str, Any]:
         """The served model, engine capacity and registered adapters, as a JSON-ready dict."""
