@@ -22,7 +22,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_config(out: Path, store: Path, replicas: int = 2, max_adapters: int = 4, **engine: Any) -> Path:
+def serve_config(out: Path, store: Path, replicas: int = 2, max_adapters: int = 4, **engine: Any) -> Path:
     """deploy/ray/serve.yaml with free ports, the test's store, `replicas` one-thread CPU engine replicas."""
     config = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
     config["http_options"].update(host="127.0.0.1", port=free_port())

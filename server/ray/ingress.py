@@ -43,6 +43,10 @@ def _fail(context: Any, error: BaseException) -> None:
         raise error
 
 
+class StreamFailed(Exception):
+    """Ends a failed stream: Ray's proxy reads a stream's status from the context only when the method raises."""
+
+
 @serve.deployment(name="DeltaIngress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 class DeltaIngress:
     """Routes each request by its adapter: gRPC `adapter_id`, HTTP `model`; sends it again when the replica
@@ -82,6 +86,7 @@ class DeltaIngress:
                 yield message
         except Exception as error:
             _fail(grpc_context, error)
+            raise StreamFailed(grpc_context.details()) from None
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: Any) -> pb.ModelInfoResponse:  # noqa: N802
         return await retry.call(lambda: self._to("").model_info.remote(), self.retries)

@@ -3,6 +3,7 @@ client (Ray's router skips the dead replica), a retryable status (UNAVAILABLE) o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -12,6 +13,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 log = logging.getLogger("deltaserve.ray")
 
 REPLICA_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+BACKOFF_S = 0.25  # times the attempt: Ray's router learns of the death and routes elsewhere meanwhile
 T = TypeVar("T")
 
 
@@ -27,6 +29,7 @@ async def call(make: Callable[[], Awaitable[T]], retries: int) -> T:
         except REPLICA_GONE as error:
             log.warning("replica died serving a request (attempt %d of %d): %s", attempt + 1, retries + 1,
                         type(error).__name__)
+            await asyncio.sleep(BACKOFF_S * (attempt + 1))
     raise ReplicaLost(f"the replica serving this request died {retries + 1} times; retry later")
 
 
@@ -46,6 +49,7 @@ async def stream(make: Callable[[], AsyncIterator[Any]], retries: int) -> AsyncI
                 raise ReplicaLost("the replica serving this stream died mid-answer; send the request again") from None
             log.warning("replica died before a stream's first item (attempt %d of %d): %s", attempt + 1,
                         retries + 1, type(error).__name__)
+            await asyncio.sleep(BACKOFF_S * (attempt + 1))
         finally:
             cancel = getattr(items, "cancel", None)   # the consumer went away: end the replica's work too
             if cancel is not None:

@@ -1,0 +1,179 @@
+"""Issue 15: deltaserve on Ray Serve, on a local 2-replica CPU cluster.
+
+1. Mixed concurrent requests for 6 adapters over gRPC (through Ray's gRPC proxy) and HTTP (the openai client) give
+   the single-node server's greedy answers; after warm-up each adapter's requests land on the one replica that
+   holds it, with no adapter loads, while the same mix without the routing key loads adapters again and again.
+2. Killing a replica's process mid-load: its streams end UNAVAILABLE, its unary requests are sent again and answer
+   right, the other replica's requests are untouched, new requests succeed, and Ray starts a new replica."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from clients.client import DeltaClient  # noqa: E402
+from clients.messages import build_request  # noqa: E402
+from tests.helpers import ServerThread  # noqa: E402
+from tests.ray_cluster import LocalRayServe, serve_config  # noqa: E402
+from tests.ray_traffic import (  # noqa: E402
+    ADAPTERS,
+    LONG_TOKENS,
+    PROMPTS,
+    Ask,
+    answers,
+    make_store,
+    mix,
+    replica_stats,
+    requests_by_replica,
+    total_loads,
+)
+
+ENGINE = {"threads": 1, "kv_cache_tokens": 4096, "max_batch_size": 32}
+
+
+def _long_asks() -> list[Ask]:
+    return [Ask(adapter, PROMPTS[1], LONG_TOKENS) for adapter in ADAPTERS]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return make_store(tmp_path_factory.mktemp("ray-store"), default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(store: Path, cache_dir: str) -> dict[tuple[str, Ask], str]:
+    """The single-node server's answers (gRPC and HTTP) to every request the tests send; stopped before Ray
+    starts, so the two never share the cores."""
+    with ServerThread(model="default", cache_dir=cache_dir, adapters_dir=str(store), adapters_poll_interval=0,
+                      **ENGINE) as server:
+        asks = mix() + _long_asks()
+        grpc_texts, http_texts = answers(asks, server.target, server.http_url)
+    by_grpc = {("grpc", ask): text for ask, text in zip(asks, grpc_texts, strict=True)}
+    return {**by_grpc, **{("http", ask): text for ask, text in zip(asks, http_texts, strict=True)}}
+
+
+@pytest.fixture(scope="module")
+def cluster(reference: Any, store: Path, tmp_path_factory: pytest.TempPathFactory) -> LocalRayServe:
+    config = serve_config(tmp_path_factory.mktemp("ray-config") / "serve.yaml", store, replicas=2, max_adapters=4,
+                         **ENGINE)
+    running = LocalRayServe(config).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def figures() -> dict[str, float]:
+    """Loads per request measured by one test, compared by another."""
+    return {}
+
+
+def test_affinity_same_answers_and_no_loads(cluster: LocalRayServe, reference: dict, figures: dict) -> None:
+    with DeltaClient(cluster.grpc_target, timeout=300, ray=True) as client:
+        for adapter in ADAPTERS:   # warm-up: each adapter once, so each is on a replica
+            ask = Ask(adapter, PROMPTS[0])
+            assert ask.grpc(client) == reference["grpc", ask]
+    engine = cluster.engine()
+    before = replica_stats(engine, 2)
+    asks = mix() * 2
+    grpc_texts, http_texts = answers(asks, cluster.grpc_target, cluster.http_url, ray=True)
+    after = replica_stats(engine, 2)
+    assert grpc_texts == [reference["grpc", a] for a in asks]
+    assert http_texts == [reference["http", a] for a in asks]
+    for adapter in ADAPTERS:
+        counts = requests_by_replica(before, after, adapter)
+        holders = [replica for replica, count in counts.items() if count]
+        assert sum(counts.values()) == 8, counts   # 2 prompts, twice, over both protocols
+        assert len(holders) == 1 and adapter in after[holders[0]]["resident"], (adapter, counts, after)
+    loads = total_loads(after) - total_loads(before)
+    assert loads == 0, after
+    figures["affinity"] = loads / (len(ADAPTERS) * 8)
+    print(f"\naffinity: {loads} adapter loads for {len(ADAPTERS) * 8} adapter requests; per replica:",
+          {replica: stats["requests"] for replica, stats in after.items()})
+
+
+def _exclusive(stats: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The adapters resident on each replica and on no other."""
+    return {replica: [a for a in s["resident"] if all(a not in o["resident"] for r, o in stats.items() if r != replica)]
+            for replica, s in stats.items()}
+
+
+def _stream_outcome(stream: Any) -> grpc.StatusCode:
+    try:
+        for _ in stream:
+            pass
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_replica_death_retried_or_unavailable(cluster: LocalRayServe, reference: dict) -> None:
+    from openai import OpenAI
+
+    engine = cluster.engine()
+    before = replica_stats(engine, 2)
+    exclusive = _exclusive(before)
+    victim = max(exclusive, key=lambda replica: len(exclusive[replica]))
+    survivor = next(replica for replica in before if replica != victim)
+    doomed, safe = exclusive[victim], exclusive[survivor]
+    assert doomed and safe, before
+    openai = OpenAI(base_url=cluster.http_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    with DeltaClient(cluster.grpc_target, timeout=300, ray=True) as client, ThreadPoolExecutor(16) as pool:
+        streams = []
+        for adapter in doomed:   # in flight on the victim: each has its first token
+            request = {"messages": [{"role": "user", "content": PROMPTS[0]}], "adapter": adapter,
+                       "max_new_tokens": 8 * LONG_TOKENS, "ignore_eos": True}
+            streams.append(client.generate_stream(**request))
+            next(streams[-1])
+        unary = {ask: pool.submit(ask.grpc, client) for ask in _long_asks() if ask.adapter in doomed + safe}
+        http = {ask: pool.submit(ask.http, openai) for ask in _long_asks() if ask.adapter in doomed}
+        time.sleep(0.5)
+        os.kill(before[victim]["pid"], signal.SIGKILL)
+        outcomes = [_stream_outcome(stream) for stream in streams]
+        assert set(outcomes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK} and grpc.StatusCode.UNAVAILABLE \
+            in outcomes, outcomes
+        for ask, future in unary.items():    # the victim's sent again, the survivor's untouched
+            assert future.result() == reference["grpc", ask], ask
+        for ask, future in http.items():
+            assert future.result() == reference["http", ask], ask
+        for adapter in doomed:               # new requests: on the survivor
+            ask = Ask(adapter, PROMPTS[1])
+            assert ask.grpc(client) == reference["grpc", ask]
+    deadline = time.monotonic() + 120
+    while True:   # Ray starts a new replica in the victim's place
+        now = replica_stats(engine, 2, timeout=120)
+        if victim not in now and survivor in now:
+            break
+        assert time.monotonic() < deadline, now
+        time.sleep(1)
+    replacement = next(replica for replica in now if replica != survivor)
+    assert now[replacement]["pid"] != before[victim]["pid"]
+    print(f"\nkilled {victim} (pid {before[victim]['pid']}); stream outcomes {[o.name for o in outcomes]}; "
+          f"{len(unary) + len(http)} unary requests all answered; replacement {replacement}")
+
+
+def test_without_affinity_loads_far_more(cluster: LocalRayServe, reference: dict, figures: dict) -> None:
+    """The same kind of mix sent to the engine deployment without the routing key (what Ray does for a request
+    with no model id: power of two choices on queue length), 8 at a time."""
+    engine = cluster.engine()
+    before = replica_stats(engine, 2)
+    asks = [ask for ask in mix() * 4 if ask.adapter]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda ask: engine.generate.remote(build_request(
+            messages=[{"role": "user", "content": ask.prompt}], adapter=ask.adapter, max_new_tokens=ask.tokens,
+            ignore_eos=True)).result(timeout_s=300), asks))
+    after = replica_stats(engine, 2)
+    assert [reply.text for reply in replies] == [reference["grpc", ask] for ask in asks]
+    loads = total_loads(after) - total_loads(before)
+    per_request = loads / len(asks)
+    print(f"\nwithout affinity: {loads} adapter loads for {len(asks)} adapter requests ({per_request:.2f}/request); "
+          f"with affinity: {figures.get('affinity')}/request")
+    assert loads >= 4 and per_request >= 4 * max(figures.get("affinity", 0.0), 1 / len(asks))
