@@ -89,3 +89,34 @@ def test_service_exposes_the_three_ports():
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051, "http": 8000, "metrics": 9400}
     deployment = yaml.safe_load((K8S / "deployment.yaml").read_text(encoding="utf-8"))
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_ray_service_pods_validate_and_its_serve_config_is_the_applications():
+    """Issue 15: KubeRay's RayService is a custom resource (no schema offline), so its pod templates are validated
+    as Pods, and serveConfigV2 with Ray Serve's own schema and the application's arguments."""
+    schema = pytest.importorskip("ray.serve.schema")
+    from server.ray.settings import RayAppSettings
+
+    service = yaml.safe_load((K8S / "ray-service.yaml").read_text(encoding="utf-8"))
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"], *(group["template"] for group in cluster["workerGroupSpecs"])]
+    pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"pod-{i}"}, "spec": template["spec"]}
+            for i, template in enumerate(templates)]
+    run = subprocess.run([_tool("kubernetes-validate"), "--strict", "-"], input=yaml.safe_dump_all(pods),
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.count("passed") == len(pods), run.stdout + run.stderr
+    (worker,) = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    config = schema.ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    local = schema.ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy/ray/serve.yaml").read_text()))
+    assert config.grpc_options.grpc_servicer_functions == local.grpc_options.grpc_servicer_functions
+    (app,) = config.applications
+    assert app.import_path == "server.ray.app:build_app"
+    engine = next(d for d in app.deployments if d.name == "DeltaEngine")
+    assert engine.ray_actor_options.num_gpus == 1 and engine.autoscaling_config["max_replicas"] >= 1
+    store = app.args.pop("adapters_store")
+    RayAppSettings.from_args(app.args)   # every other argument, the engine's settings included, is valid
+    for template in templates:
+        (container,) = template["spec"]["containers"]
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {store}

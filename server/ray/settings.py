@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.config import ServerConfig
+from server.config import ServerConfig, add_config_arguments
 
 # The engine settings a replica decides itself: it listens on nothing (Ray's proxies do) and loads adapters only
 # through its multiplexed loader, from the store.
@@ -60,14 +61,19 @@ class RayAppSettings:
         self.server_config()  # every engine setting checked here, before any replica starts
 
     def server_config(self) -> ServerConfig:
-        """The engine's configuration in a replica: no listening sockets, no directory scan or watching; the
-        store is the only root adapters load from; device slots for the per-replica adapter limit."""
-        engine = {"max_device_adapters": self.max_adapters_per_replica, "warmup": True, **self.engine}
-        try:
-            return ServerConfig(model=self.model, adapters_dir="", adapters_load_root=self.adapters_store,
-                                adapters_poll_interval=0, port=0, http_port=-1, metrics_port=-1, **engine)
-        except TypeError as error:
-            raise ValueError(f"unknown engine setting: {error}") from None
+        """The engine's configuration in a replica: `deltaserve serve`'s defaults and DELTASERVE_* environment
+        variables, then `engine`; no listening sockets, no directory scan or watching; the store is the only root
+        adapters load from; device slots for the per-replica adapter limit."""
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser)
+        defaults = vars(parser.parse_args([]))
+        unknown = sorted(set(self.engine) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {unknown}: see `deltaserve serve --help`")
+        fields = {**defaults, "max_device_adapters": self.max_adapters_per_replica, **self.engine}
+        fields.update(model=self.model, adapters_dir="", adapters_load_root=self.adapters_store,
+                      adapters_poll_interval=0, port=0, http_port=-1, metrics_port=-1)
+        return ServerConfig(**fields)
 
     def to_args(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
