@@ -42,6 +42,16 @@ def test_paged_decode_attention(dtype):
     assert ratio <= 1.0, (ratio, err)
 
 
+def test_autotuning_restores_what_kernels_update_in_place():
+    """On a GPU every configuration runs on the same inputs: y (LoRA expand) and block_out (bottleneck) are restored
+    after each trial, the shrink's output is overwritten anyway; keys are shapes and rank bounds, never adapters."""
+    from server.kernels import triton_bottleneck, triton_lora
+
+    assert triton_lora._EXPAND.tuned.restore_value == ["y_ptr"]
+    assert triton_bottleneck._FUSED.tuned.restore_value == ["in2_ptr"]
+    assert triton_lora._SHRINK.tuned.keys == ["in_features", "len_bucket", "rank_bound"]
+
+
 def test_a_wrong_result_is_caught(monkeypatch):
     """The bounds are tight enough to see a real fault: a kernel reading one rank row too few fails."""
     from server.kernels import triton_lora

@@ -106,7 +106,8 @@ _FUSED = Launcher(
     _bottleneck_kernel,
     [triton.Config({"BLOCK_M": m, "BLOCK_K": k, "BLOCK_N": n}, num_warps=w)
      for m, k, n, w in [(16, 64, 64, 4), (16, 32, 128, 4), (32, 64, 64, 4), (64, 32, 64, 8), (16, 128, 128, 8)]],
-    key=["hidden", "len_bucket", "R_PAD"], default={"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_N": 32})
+    key=["hidden", "len_bucket", "R_PAD"], default={"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_N": 32},
+    restore=("in2_ptr",))
 
 
 def bottleneck_fused(sub_in: torch.Tensor, sub_out: torch.Tensor, block_out: torch.Tensor,

@@ -53,15 +53,20 @@ class SegmentTable:
 
 
 class Launcher:
-    """A kernel with its autotuned twin: autotuned on a GPU, one fixed configuration under the interpreter."""
+    """A kernel with its autotuned twin: autotuned on a GPU, one fixed configuration under the interpreter.
 
-    def __init__(self, kernel: Any, configs: list[triton.Config], key: list[str], default: dict[str, int]) -> None:
+    `restore`: the arguments the kernel updates in place (y += ...): autotuning runs every configuration on the
+    same inputs, so their values are restored after each trial run.
+    """
+
+    def __init__(self, kernel: Any, configs: list[triton.Config], key: list[str], default: dict[str, int],
+                 restore: tuple[str, ...] = ()) -> None:
         self.kernel = kernel
         self.default = default
-        self.tuned = None if INTERPRET else triton.autotune(configs=configs, key=key)(kernel)
+        self.tuned = triton.autotune(configs=configs, key=key, restore_value=list(restore) or None)(kernel)
 
     def __call__(self, grid: Callable[[dict[str, int]], tuple[int, ...]], *args: Any, **kwargs: Any) -> None:
-        if self.tuned is None:
+        if INTERPRET:
             self.kernel[grid(self.default)](*args, **kwargs, **self.default)
         else:
             self.tuned[grid](*args, **kwargs)

@@ -99,7 +99,8 @@ _EXPAND = Launcher(
     _expand_kernel,
     _configs(("BLOCK_M", "BLOCK_N", "BLOCK_R"), [(16, 64, 16, 4), (16, 128, 16, 4), (16, 256, 16, 8),
                                                  (32, 128, 32, 4), (64, 128, 16, 4), (64, 64, 32, 4)]),
-    key=["out_features", "len_bucket", "rank_bound"], default={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16})
+    key=["out_features", "len_bucket", "rank_bound"], default={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16},
+    restore=("y_ptr",))
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, table: SegmentTable,
