@@ -9,6 +9,7 @@ serves new requests.
 from __future__ import annotations
 
 import enum
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from typing import Any
 
 from adapters_store.errors import AdapterError
 from adapters_store.types import AdapterWeights
+
+# Process-wide identity of a load: version numbers restart when a name is unloaded and loaded again, these never.
+_load_ids = itertools.count(1)
 
 # (file name, size, mtime in ns) of every regular file directly in an adapter directory, sorted.
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -101,6 +105,7 @@ class AdapterVersion:
     device_slot: int = -1         # set by the device tier while the version sits in a slot
     retired: bool = False         # superseded or unloaded: never given to a new request again
     nonfinite_outputs: int = 0    # requests it failed because their logits were not finite (engine thread writes)
+    uid: int = field(default_factory=lambda: next(_load_ids))   # unique for the process's life (prefix-cache keys)
 
     @classmethod
     def of(cls, weights: AdapterWeights, version: int, fp: Fingerprint, pinned: bool,

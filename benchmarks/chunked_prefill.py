@@ -84,7 +84,8 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--chunk", type=int, default=0, help="the chunked mode's chunk (0 = auto)")
     args = parser.parse_args()
-    with ServerThread(model="default", kv_cache_tokens=32768, max_prefill_chunk=args.chunk,
+    # Prefix caching off: the same long prompt is sent three times, and each must be read whole.
+    with ServerThread(model="default", kv_cache_tokens=32768, max_prefill_chunk=args.chunk, prefix_caching=False,
                       metrics_port=-1, http_port=-1) as server:
         auto = server.engine.scheduler.max_prefill_chunk
         whole = server.engine.scheduler.max_batched_tokens

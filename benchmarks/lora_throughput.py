@@ -44,7 +44,7 @@ def measure_shape(shape_name: str, batch: int, new_tokens: int, repeats: int, pe
     for i, name in enumerate(names):
         write_peft_lora(root / name, loaded.shape, rank, targets, seed=i)
     stack = build_stack(loaded, ServerConfig(adapters_dir=str(root), kv_cache_tokens=16384,
-                                             max_adapter_slots=max(DISTINCT), max_lora_rank=rank))
+                                             max_device_adapters=max(DISTINCT), max_lora_rank=rank))
     engine = stack.engine
     engine.start()
     runs: dict[str, list[float]] = {}

@@ -46,7 +46,7 @@ def main() -> None:
         for i in range(PER_KIND):
             write_method_adapter(root / f"{kind}-{i}", loaded.shape, kind, seed=i)
             kinds[kind].append(f"{kind}-{i}")
-    stack = build_stack(loaded, ServerConfig(adapters_dir=str(root), kv_cache_tokens=16384, max_adapter_slots=64))
+    stack = build_stack(loaded, ServerConfig(adapters_dir=str(root), kv_cache_tokens=16384, max_device_adapters=64))
     engine = stack.engine
     engine.start()
     prompts = PROMPTS[:args.batch]

@@ -11,10 +11,10 @@ from server.adapters.stack import Adapters, build_adapters
 from server.config import ServerConfig
 from server.deltas.base import DeltaLimits
 from server.deltas.deltaset import DeltaSet
-from server.deltas.slots import AdapterSlots
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine, EngineLimits
 from server.engine.prompts import PromptEncoder
+from server.engine.residency import AdapterSlots, SharedKV
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.engine.threads import single_threaded
@@ -47,17 +47,17 @@ def build_stack(loaded: LoadedModel, config: ServerConfig, store_listener: Store
     shape = loaded.shape
     num_blocks = config.kv_cache_tokens // config.block_size
     max_model_len = min(config.max_model_len, shape.max_position_embeddings, num_blocks * config.block_size)
+    # A decode row's block table reaches its adapter's shared blocks (a prefix) in front of its own tokens.
+    shared = -(-config.max_prefix_tokens // config.block_size) * config.block_size
     kv_cache = PagedKVCache(shape.num_layers, num_blocks, config.block_size, shape.num_kv_heads,
-                            shape.head_dim, loaded.dtype, loaded.device, config.max_batch_size, max_model_len,
-                            prefix_slots=config.device_adapters, prefix_tokens=config.max_prefix_tokens)
-    log.info("KV cache: %d blocks of %d tokens (%.0f MiB), context %d tokens", num_blocks,
-             config.block_size, kv_cache.nbytes / 2**20, max_model_len)
+                            shape.head_dim, loaded.dtype, loaded.device, config.max_batch_size, max_model_len + shared)
+    log.info("KV cache: %d blocks of %d tokens (%.0f MiB), context %d tokens, prefix caching %s", num_blocks,
+             config.block_size, kv_cache.nbytes / 2**20, max_model_len, "on" if config.prefix_caching else "off")
+    blocks = BlockManager(num_blocks, config.block_size, caching=config.prefix_caching)
     deltas = DeltaSet(loaded.model, DeltaLimits(config.device_adapters, config.max_lora_rank,
                                                      config.max_prefix_tokens, config.max_bottleneck_rank))
-    deltas.bind_kv_cache(kv_cache)
-    adapters = build_adapters(loaded, config, deltas, store_listener)
+    adapters = build_adapters(loaded, config, deltas, SharedKV(blocks, kv_cache), store_listener)
     slots = adapters.slots
-    blocks = BlockManager(num_blocks, config.block_size)
     scheduler = Scheduler(blocks, config.max_batch_size, config.max_batched_tokens, adapters=slots,
                           max_prefill_chunk=config.prefill_chunk(loaded.device.type))
     runner = ModelRunner(loaded.model, kv_cache, loaded.device, deltas)

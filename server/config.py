@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,9 @@ MAX_PREFIX_TOKENS = 512
 # Prompt tokens per step when --max-prefill-chunk is auto: on 2 CPU cores a 64-token chunk beside 8 decodes costs
 # about one more decode step (docs/benchmarks.md, chunked prefill); a GPU reads 512 in about a decode step's time.
 AUTO_PREFILL_CHUNK = {"cpu": 64, "cuda": 512}
+DEFAULT_DEVICE_ADAPTERS = 64
+
+log = logging.getLogger("deltaserve.config")
 
 
 def _opt(help: str, **extra: Any) -> Any:
@@ -43,9 +47,10 @@ class ServerConfig:
         "the admin LoadAdapter RPC accepts directories under this one or under --adapters-dir, nothing else"))
     admin_token: str = field(default="", repr=False, metadata=_opt(
         "when set, the Adapters admin RPCs need the metadata 'authorization: Bearer <token>'"))
-    max_adapter_slots: int = field(default=64, metadata=_opt("adapters resident at once in preallocated slots"))
-    max_device_adapters: int = field(default=0, metadata=_opt(
-        "adapters on the device at once: the number of preallocated slots (0 = --max-adapter-slots)"))
+    max_device_adapters: int = field(default=DEFAULT_DEVICE_ADAPTERS, metadata=_opt(
+        "adapters on the device at once: the number of preallocated slots"))
+    max_adapter_slots: int = field(default=0, metadata=_opt(
+        "deprecated alias of --max-device-adapters (0 = not given)"))
     max_host_adapters: int = field(default=256, metadata=_opt(
         "validated adapters kept in host memory, least recently used dropped first (then re-read from disk)"))
     max_host_adapter_mib: int = field(default=0, metadata=_opt(
@@ -60,7 +65,12 @@ class ServerConfig:
         f"{AUTO_PREFILL_CHUNK['cpu']} on CPU, {AUTO_PREFILL_CHUNK['cuda']} on CUDA); a longer prompt is read over "
         "several steps so running streams keep their cadence"))
     max_model_len: int = field(default=4096, metadata=_opt("context length (prompt + output), capped by the model"))
-    kv_cache_tokens: int = field(default=32768, metadata=_opt("KV cache capacity in tokens, preallocated"))
+    kv_cache_tokens: int = field(default=32768, metadata=_opt(
+        "KV cache capacity in tokens, preallocated (prefix-tuning adapters' keys/values take blocks of it while "
+        "they are on the device)"))
+    prefix_caching: bool = field(default=True, metadata=_opt(
+        "reuse the KV blocks of a prompt's leading tokens computed for an earlier request with the same adapter "
+        "version (unreferenced ones are evicted least recently used first when blocks run out)"))
     block_size: int = field(default=16, metadata=_opt("tokens per KV cache block"))
     max_waiting: int = field(default=1024, metadata=_opt("bounded waiting queue; beyond it: RESOURCE_EXHAUSTED"))
     default_max_new_tokens: int = field(default=256, metadata=_opt("when a request does not say"))
@@ -95,12 +105,22 @@ class ServerConfig:
         "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")))
 
     def __post_init__(self) -> None:
+        self._resolve_aliases()
         self.validate()
 
+    def _resolve_aliases(self) -> None:
+        if not self.max_adapter_slots:
+            return
+        if self.max_device_adapters not in (DEFAULT_DEVICE_ADAPTERS, self.max_adapter_slots):
+            raise ValueError(f"max_adapter_slots ({self.max_adapter_slots}) is a deprecated alias of "
+                             f"max_device_adapters ({self.max_device_adapters}): give one of them")
+        log.warning("--max-adapter-slots (DELTASERVE_MAX_ADAPTER_SLOTS) is deprecated: use --max-device-adapters")
+        self.max_device_adapters, self.max_adapter_slots = self.max_adapter_slots, 0
+
     def validate(self) -> None:
-        positive = ("max_adapter_slots", "max_lora_rank", "max_prefix_tokens", "max_bottleneck_rank", "max_batch_size",
-                    "max_batched_tokens", "max_model_len", "kv_cache_tokens", "block_size", "max_waiting",
-                    "default_max_new_tokens")
+        positive = ("max_device_adapters", "max_lora_rank", "max_prefix_tokens", "max_bottleneck_rank",
+                    "max_batch_size", "max_batched_tokens", "max_model_len", "kv_cache_tokens", "block_size",
+                    "max_waiting", "default_max_new_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -122,7 +142,7 @@ class ServerConfig:
             raise ValueError(f"metrics_top_adapters must not be negative, got {self.metrics_top_adapters}")
         if self.grace_period < 0 or self.threads < 0:
             raise ValueError("grace_period and threads must not be negative")
-        for name in ("max_device_adapters", "max_host_adapters", "max_host_adapter_mib", "adapters_poll_interval"):
+        for name in ("max_adapter_slots", "max_host_adapters", "max_host_adapter_mib", "adapters_poll_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_prefix_tokens > MAX_PREFIX_TOKENS:
@@ -141,7 +161,7 @@ class ServerConfig:
     @property
     def device_adapters(self) -> int:
         """The device budget: how many adapter slots are preallocated."""
-        return self.max_device_adapters or self.max_adapter_slots
+        return self.max_device_adapters
 
 
 def _field(name: str) -> dataclasses.Field:

@@ -101,7 +101,8 @@ def test_a_prompt_is_read_over_several_steps_beside_the_decodes(served):
     engine = served.engine
     _set_chunk(engine, 16)
     sampled: list[int] = []   # rows that sampled a token, per step
-    long_request = GenerationRequest("long", prompt=PROMPTS[0], max_new_tokens=1, ignore_eos=True)
+    # A prompt no earlier request sent: none of it is in the prefix cache, so all of it is read.
+    long_request = GenerationRequest("long", prompt=PROMPTS[0][::-1], max_new_tokens=1, ignore_eos=True)
     stream_started = threading.Event()
     finished = threading.Event()
 

@@ -27,3 +27,16 @@ def test_every_field_has_a_flag_and_an_env_twin(monkeypatch):
 def test_bad_config_is_refused(bad):
     with pytest.raises(ValueError):
         ServerConfig(**bad)
+
+
+def test_the_device_slot_count_has_one_flag_and_a_deprecated_alias(monkeypatch, caplog):
+    assert ServerConfig().device_adapters == 64
+    assert ServerConfig(max_device_adapters=8).device_adapters == 8
+    with caplog.at_level("WARNING", logger="deltaserve.config"):
+        assert ServerConfig(max_adapter_slots=4).device_adapters == 4
+    assert "deprecated" in caplog.text
+    assert ServerConfig(max_adapter_slots=4, max_device_adapters=4).device_adapters == 4
+    with pytest.raises(ValueError, match="deprecated alias"):
+        ServerConfig(max_adapter_slots=4, max_device_adapters=8)
+    monkeypatch.setenv("DELTASERVE_PREFIX_CACHING", "false")
+    assert config_from_args(build_parser().parse_args(["serve"])).prefix_caching is False

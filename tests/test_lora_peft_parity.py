@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from server.app import build_stack
 from server.config import ServerConfig
+from server.engine.binding import NO_ADAPTER
 from server.engine.request import GenerationRequest, SamplingParams, Sequence, StoppingParams
 from server.engine.scheduler import ScheduledStep
 from server.model.loader import load_model
@@ -91,10 +92,10 @@ def test_mixed_batch_logits_match_peft(stack, peft_model):
     tokenizer = stack.loaded.tokenizer
     seqs = []
     for i, adapter in enumerate(ROWS):
-        slot = stack.slots.acquire(adapter) if adapter else -1
+        binding = stack.slots.acquire(adapter) if adapter else NO_ADAPTER
         seqs.append(Sequence(request_id=f"row{i}", prompt_ids=chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)]),
                              sampling=SamplingParams(), stopping=StoppingParams(8), seed=0,
-                             adapter_id=adapter or "", adapter_slot=slot, return_logprobs=False,
+                             adapter_id=adapter or "", binding=binding, return_logprobs=False,
                              sink=lambda o: None, arrival=0.0))
     step = ScheduledStep(prefills=list(seqs))
     for round_ in range(3):  # the prefill step (segment loop), then decode steps (gathered products)
@@ -111,7 +112,7 @@ def test_mixed_batch_logits_match_peft(stack, peft_model):
         step = ScheduledStep(decodes=list(seqs))
     for seq in seqs:
         stack.engine.blocks.free(seq)
-        stack.slots.release(seq.adapter_slot)
+        stack.slots.release(seq.binding)
 
 
 def test_concurrent_greedy_tokens_match_peft(stack, peft_model):

@@ -11,6 +11,7 @@ import pytest
 
 from server.app import build_stack
 from server.config import ServerConfig
+from server.engine.binding import NO_ADAPTER
 from server.engine.request import SamplingParams, Sequence, StoppingParams
 from server.engine.scheduler import ScheduledStep
 from server.model.loader import load_model
@@ -38,9 +39,9 @@ def stack(tmp_path_factory, default_model_dir, cache_dir):
 
 def _sequence(stack, adapter: str | None, index: int) -> Sequence:
     ids = expected()[f"input_ids.{index}"].tolist()
-    slot = stack.slots.acquire(adapter) if adapter else -1
+    binding = stack.slots.acquire(adapter) if adapter else NO_ADAPTER
     seq = Sequence(request_id=f"{adapter}.{index}", prompt_ids=ids[:PROMPT_TOKENS], sampling=SamplingParams(),
-                   stopping=StoppingParams(64), seed=0, adapter_id=adapter or "", adapter_slot=slot,
+                   stopping=StoppingParams(64), seed=0, adapter_id=adapter or "", binding=binding,
                    return_logprobs=False, sink=lambda o: None, arrival=0.0)
     seq.fixture = (adapter or "base", index, ids)  # type: ignore[attr-defined]
     return seq

@@ -15,6 +15,7 @@ import torch
 from adapters_store.native import save_native
 from adapters_store.types import AdapterWeights
 from deltaserve.v1 import generation_pb2 as pb
+from server.engine.binding import NO_ADAPTER
 from server.engine.request import SamplingParams, Sequence, StoppingParams
 from server.engine.scheduler import ScheduledStep
 from tests.fixtures.hub import ADAPTERS, HUB, MODEL_DIR, hub_model
@@ -66,17 +67,9 @@ def _names(server) -> list[str]:
     return sorted(server.running.stack.store.names())
 
 
-@pytest.mark.parametrize("prefix_path", ["kv-blocks", "padded-copy"])
-def test_every_method_in_one_batch_matches_its_reference(served, prefix_path):
-    """Decode rows reach their prefix through their block tables; without a KV cache bound to the deltas,
-    through the padded per-row copy (the slow path, kept as an oracle of the first)."""
-    stack = served.running.stack
-    if prefix_path == "padded-copy":
-        stack.deltas.bind_kv_cache(None)
-    try:
-        _check_one_batch(stack)
-    finally:
-        stack.deltas.bind_kv_cache(stack.engine.runner.kv_cache)
+def test_every_method_in_one_batch_matches_its_reference(served):
+    """Prefix rows reach their adapter's keys/values through shared KV blocks in their block tables."""
+    _check_one_batch(served.running.stack)
 
 
 def _check_one_batch(stack) -> None:
@@ -86,9 +79,9 @@ def _check_one_batch(stack) -> None:
     seqs = []
     for i, name in enumerate(names):
         ids = tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"]
-        slot = stack.slots.acquire(name) if name else -1
+        binding = stack.slots.acquire(name) if name else NO_ADAPTER
         seqs.append(Sequence(request_id=f"r{i}", prompt_ids=ids, sampling=SamplingParams(),
-                             stopping=StoppingParams(8), seed=0, adapter_id=name or "", adapter_slot=slot,
+                             stopping=StoppingParams(8), seed=0, adapter_id=name or "", binding=binding,
                              return_logprobs=False, sink=lambda o: None, arrival=0.0))
     step = ScheduledStep(prefills=list(seqs))
     for round_ in range(4):
@@ -105,7 +98,7 @@ def _check_one_batch(stack) -> None:
         step = ScheduledStep(decodes=list(seqs))
     for seq in seqs:
         stack.engine.blocks.free(seq)
-        stack.slots.release(seq.adapter_slot)
+        stack.slots.release(seq.binding)
 
 
 def test_every_method_concurrently_through_grpc(served):

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from server.app import build_stack
 from server.config import ServerConfig
+from server.engine.binding import NO_ADAPTER
 from server.engine.request import GenerationRequest, SamplingParams, Sequence, StoppingParams
 from server.engine.scheduler import ScheduledStep
 from server.model.loader import load_model
@@ -62,7 +63,7 @@ def stack(adapters_dir, cache_dir):
 def _sequence(stack, i: int, adapter: str | None) -> Sequence:
     ids = chat_ids(stack.loaded.tokenizer, PROMPTS[i % len(PROMPTS)])
     return Sequence(request_id=f"row{i}", prompt_ids=ids, sampling=SamplingParams(), stopping=StoppingParams(8),
-                    seed=0, adapter_id=adapter or "", adapter_slot=stack.slots.acquire(adapter) if adapter else -1,
+                    seed=0, adapter_id=adapter or "", binding=stack.slots.acquire(adapter) if adapter else NO_ADAPTER,
                     return_logprobs=False, sink=lambda o: None, arrival=0.0)
 
 
@@ -83,7 +84,7 @@ def test_mixed_batch_logits_match_peft_forward(stack, peft_model):
         step = ScheduledStep(decodes=list(seqs))
     for seq in seqs:
         stack.engine.blocks.free(seq)
-        stack.slots.release(seq.adapter_slot)
+        stack.slots.release(seq.binding)
 
 
 def test_concurrent_greedy_equals_greedy_loop_over_peft_forward(stack, peft_model):

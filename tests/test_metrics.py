@@ -40,7 +40,7 @@ def adapters_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
 @pytest.fixture(scope="module")
 def served(tiny_model_dir: Path, cache_dir: str, adapters_dir: Path) -> ServerThread:
     with ServerThread(model=str(tiny_model_dir), cache_dir=cache_dir, device="cpu", adapters_dir=str(adapters_dir),
-                      max_adapter_slots=4, max_lora_rank=8, kv_cache_tokens=4096) as running:
+                      max_device_adapters=4, max_lora_rank=8, kv_cache_tokens=4096) as running:
         yield running
 
 
@@ -155,7 +155,7 @@ def test_promtool_check_metrics_reports_nothing(served):
 
 def test_vllm_compatible_names_and_no_per_adapter_labels(tiny_model_dir, cache_dir, adapters_dir):
     with ServerThread(model=str(tiny_model_dir), cache_dir=cache_dir, device="cpu", adapters_dir=str(adapters_dir),
-                      max_adapter_slots=4, max_lora_rank=8, kv_cache_tokens=4096, metrics_vllm_compat=True,
+                      max_device_adapters=4, max_lora_rank=8, kv_cache_tokens=4096, metrics_vllm_compat=True,
                       metrics_top_adapters=0, warmup=False) as running:
         running.stub.Generate(_request("Hello", "a2"))
         m = scrape(running.metrics_url)

@@ -15,7 +15,7 @@ from tests.tolerance import model_logit_tolerance
 
 def _sequence(name: str, ids: list[int]) -> Sequence:
     return Sequence(request_id=name, prompt_ids=ids, sampling=SamplingParams(), stopping=StoppingParams(8),
-                    seed=0, adapter_id="", adapter_slot=-1, return_logprobs=False, sink=lambda o: None,
+                    seed=0, adapter_id="", return_logprobs=False, sink=lambda o: None,
                     arrival=0.0)
 
 

@@ -11,7 +11,7 @@ from server.engine.sampler import make_generator, sample
 
 def _seq(sampling: SamplingParams, ids=(1, 2, 3), logprobs=False) -> Sequence:
     seq = Sequence(request_id="r", prompt_ids=list(ids), sampling=sampling, stopping=StoppingParams(4), seed=7,
-                   adapter_id="", adapter_slot=-1, return_logprobs=logprobs, sink=lambda o: None, arrival=0.0)
+                   adapter_id="", return_logprobs=logprobs, sink=lambda o: None, arrival=0.0)
     if not sampling.greedy:
         seq.generator = make_generator(sampling.seed or 0)
     return seq

@@ -11,7 +11,7 @@ from adapters_store.errors import AdapterError, quote
 from adapters_store.registry import AdapterRegistry
 from adapters_store.versions import AdapterEntry, AdapterState, Tier
 from server.adapters.errors import InvalidAdminRequest, PathNotAllowed, PinLimit
-from server.deltas.slots import AdapterSlots
+from server.engine.residency import AdapterSlots
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 

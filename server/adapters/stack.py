@@ -13,7 +13,7 @@ from adapters_store.watcher import DirectoryWatcher
 from server.adapters.manager import AdapterManager
 from server.config import ServerConfig
 from server.deltas.deltaset import DeltaSet
-from server.deltas.slots import AdapterSlots
+from server.engine.residency import AdapterSlots, SharedKV
 from server.model.loader import LoadedModel
 
 log = logging.getLogger("deltaserve")
@@ -38,7 +38,7 @@ class Adapters:
         self.registry.close()
 
 
-def build_adapters(loaded: LoadedModel, config: ServerConfig, deltas: DeltaSet,
+def build_adapters(loaded: LoadedModel, config: ServerConfig, deltas: DeltaSet, shared_kv: SharedKV,
                    listener: StoreListener | None = None) -> Adapters:
     """Registers every adapter in --adapters-dir (refusing those the slots cannot hold) before returning."""
     host = HostLimits(max_adapters=config.max_host_adapters, max_bytes=config.max_host_adapter_mib * 2**20)
@@ -52,6 +52,6 @@ def build_adapters(loaded: LoadedModel, config: ServerConfig, deltas: DeltaSet,
         registry.scan()
         log.info("serving %d adapters from %s (%d rejected)", len(registry), registry.adapters_dir,
                  len(registry.rejected))
-    slots = AdapterSlots(registry, deltas)
+    slots = AdapterSlots(registry, deltas, shared_kv)
     manager = AdapterManager(registry, slots, [config.adapters_load_root, config.adapters_dir])
     return Adapters(registry, slots, manager, watcher)

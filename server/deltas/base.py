@@ -6,13 +6,31 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from server.model.attention import PagedKVCache
+import torch
+
 from server.model.batch import BatchDescriptor
 from server.model.llama import CausalLM
 
 
 class DeltaRejected(ValueError):
     """An adapter part this server cannot hold (e.g. a rank above --max-lora-rank)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What an adapter placed in a slot asks of the engine beyond its own weights (nothing, for most methods)."""
+
+    position_offset: int = 0                      # how far it shifts its requests' token positions
+    shared_keys: torch.Tensor | None = None       # [layers, T, kv_heads, head_dim] keys every one of its
+    #                                               requests attends to in front of its own (never rotated)
+    shared_values: torch.Tensor | None = None     # [layers, T, kv_heads, head_dim]
+
+    @property
+    def shared_tokens(self) -> int:
+        return 0 if self.shared_keys is None else int(self.shared_keys.shape[1])
+
+
+NOTHING_MORE = Placement()
 
 
 @dataclass(frozen=True)
@@ -37,15 +55,15 @@ class DeltaMethod(ABC):
     def __init__(self, model: CausalLM, limits: DeltaLimits) -> None:
         self.model = model
         self.limits = limits
-        self.kv_cache = None
 
     @abstractmethod
     def check(self, part: Any) -> None:
         """Raises DeltaRejected if the part cannot be placed in a slot."""
 
     @abstractmethod
-    def place(self, slot: int, part: Any) -> None:
-        """Copies the part's weights into a slot (off the hot path)."""
+    def place(self, slot: int, part: Any) -> Placement | None:
+        """Copies the part's weights into a slot (off the hot path); returns what else the slot's requests need
+        from the engine, or None for nothing."""
 
     @abstractmethod
     def clear(self, slot: int) -> None:
@@ -54,18 +72,6 @@ class DeltaMethod(ABC):
     @abstractmethod
     def prepare(self, batch: BatchDescriptor) -> None:
         """Per-step metadata for this method, stored in batch.method_state[self.name]."""
-
-    def position_offset(self, slot: int) -> int:
-        """How far this slot's adapter shifts its requests' token positions (PEFT prefix tuning)."""
-        return 0
-
-    def bind_kv_cache(self, kv_cache: PagedKVCache) -> None:
-        """Gives the method the KV cache, for methods that keep keys/values in it."""
-        self.kv_cache: PagedKVCache | None = kv_cache
-
-    def kv_prefix(self, slot: int) -> tuple[list[int], int] | None:
-        """KV blocks every request of this slot attends to in front of its own, and how many tokens they hold."""
-        return None
 
 
 def adapter_segments(batch: BatchDescriptor, has_part: list[bool]) -> list[tuple[int, int, int]]:

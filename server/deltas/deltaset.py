@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from server.deltas import bottleneck, lora, prefix  # noqa: F401  (each registers its method)
-from server.deltas.base import METHODS, DeltaLimits, DeltaMethod, DeltaRejected
-from server.model.attention import PagedKVCache
+from server.deltas.base import METHODS, NOTHING_MORE, DeltaLimits, DeltaMethod, DeltaRejected, Placement
 from server.model.batch import BatchDescriptor
 from server.model.llama import CausalLM
 
@@ -25,36 +26,34 @@ class DeltaSet:
                 raise DeltaRejected(f"no delta method serves {name!r} parts (known: {', '.join(self.methods)})")
             self.methods[name].check(part)
 
-    def place(self, slot: int, parts: dict[str, Any]) -> None:
+    def place(self, slot: int, parts: dict[str, Any]) -> Placement:
+        """Places every part in the slot; returns what the slot's requests need from the engine, all parts
+        together (offsets add up; shared keys/values are joined in part order)."""
         self.check(parts)
+        placements = []
         for name, part in parts.items():
-            self.methods[name].place(slot, part)
+            placement = self.methods[name].place(slot, part)
+            if placement is not None:
+                placements.append(placement)
             self._used.add(name)
+        return combine(placements)
 
     def clear(self, slot: int, parts: dict[str, Any]) -> None:
         for name in parts:
             self.methods[name].clear(slot)
-
-    def bind_kv_cache(self, kv_cache: PagedKVCache) -> None:
-        for method in self.methods.values():
-            method.bind_kv_cache(kv_cache)
-
-    def kv_prefix(self, slot: int) -> tuple[list[int], int] | None:
-        if slot < 0:
-            return None
-        for name in self._used:
-            found = self.methods[name].kv_prefix(slot)
-            if found is not None:
-                return found
-        return None
-
-    def position_offset(self, slot: int) -> int:
-        if slot < 0:
-            return 0
-        return sum(self.methods[name].position_offset(slot) for name in self._used)
 
     def prepare(self, batch: BatchDescriptor) -> None:
         if not batch.segments.has_adapters:
             return
         for name in self._used:
             self.methods[name].prepare(batch)
+
+
+def combine(placements: list[Placement]) -> Placement:
+    """One placement for several parts of one adapter."""
+    shared = [p for p in placements if p.shared_keys is not None]
+    if not placements:
+        return NOTHING_MORE
+    keys = torch.cat([p.shared_keys for p in shared], dim=1) if shared else None
+    values = torch.cat([p.shared_values for p in shared], dim=1) if shared else None
+    return Placement(sum(p.position_offset for p in placements), keys, values)

@@ -66,3 +66,5 @@ class EngineStats:
     max_batch_size: int
     max_waiting: int
     steps: int = 0           # engine steps run so far
+    prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache at admission, so far
+    prefix_cache_hits: int = 0      # of those, found cached (their K/V reused, not computed)

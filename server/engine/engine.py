@@ -198,7 +198,7 @@ class Engine:
         lease = self.adapters.reserve(request.adapter_id) if request.adapter_id else None
         seq = Sequence(
             request_id=request.request_id, prompt_ids=prompt_ids, sampling=request.sampling,
-            stopping=stopping, seed=seed, adapter_id=request.adapter_id, adapter_slot=-1,
+            stopping=stopping, seed=seed, adapter_id=request.adapter_id,
             return_logprobs=request.return_logprobs, sink=sink, arrival=time.monotonic(), adapter_lease=lease,
             top_logprobs=request.top_logprobs)
         if not request.sampling.greedy:
@@ -221,7 +221,7 @@ class Engine:
     def _snapshot(self) -> EngineStats:
         s, b = self.scheduler, self.blocks
         return EngineStats(len(s.running), len(s.waiting), b.num_blocks, b.num_free, b.block_size, b.usage,
-                           s.max_batch_size, self._gate.limit, self._steps)
+                           s.max_batch_size, self._gate.limit, self._steps, b.queried_tokens, b.hit_tokens)
 
     def _post(self, command: Callable[[], None]) -> None:
         self._inbox.append(command)
@@ -261,6 +261,8 @@ class Engine:
             time.sleep(0.001)
             return
         seqs, logits = self.runner.run(step)   # only the sequences that sample: not a prompt read in part
+        for seq in step.sequences:
+            self.blocks.register(seq)          # full blocks of computed tokens, for later requests to reuse
         finite = torch.isfinite(logits).all(dim=-1)   # [num_seqs]
         if not bool(finite.all()):
             seqs, logits = self._fail_untrusted(seqs, logits, finite)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine.binding import NO_ADAPTER, AdapterBinding
 from server.engine.errors import InvalidRequest
 
 
@@ -114,7 +115,6 @@ class Sequence:
     stopping: StoppingParams
     seed: int
     adapter_id: str
-    adapter_slot: int
     return_logprobs: bool
     sink: OutputSink
     arrival: float
@@ -122,15 +122,24 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)   # prefix-cache hash of each leading full block
     num_cached: int = 0          # tokens whose K/V are in the cache
     finished: bool = False
     generator: Any = None        # torch.Generator for sampled requests, seeded with `seed`
     detokenizer: Any = None      # IncrementalDetokenizer
     stop_checker: Any = None     # StopChecker
     adapter_lease: Any = None    # the adapter resolver's hold on its adapter (None: the base model)
-    adapter_version: int = 0     # set with adapter_slot when it is bound to a version at admission
+    binding: AdapterBinding = NO_ADAPTER   # its adapter's slot, version and shared KV, set at admission
     top_logprobs: int = 0        # alternatives to report per token (0: none)
     top_alternatives: list[TopLogprobs] = field(default_factory=list)   # one per output token, by the sampler
+
+    @property
+    def adapter_slot(self) -> int:
+        return self.binding.slot
+
+    @property
+    def adapter_version(self) -> int:
+        return self.binding.version
 
     @property
     def all_ids(self) -> list[int]:

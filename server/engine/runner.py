@@ -28,7 +28,7 @@ class _Rows:
     decode_rows: list[int] = field(default_factory=list)     # [num_decode]
     tables: list[list[int]] = field(default_factory=list)    # [num_decode] block tables
     lengths: list[int] = field(default_factory=list)         # [num_decode] tokens cached after this step
-    prefix_lengths: list[int] = field(default_factory=list)  # [num_decode] tokens of joined prefix blocks in front
+    shared_tokens: list[int] = field(default_factory=list)   # [num_decode] tokens of shared blocks in front
 
 
 class ModelRunner:
@@ -71,7 +71,7 @@ class ModelRunner:
             prefill_ranges=rows.prefill_ranges,
             decode_rows=self._tensor(rows.decode_rows),
             decode_block_tables=self._block_tables(rows.tables),
-            decode_mask=self._decode_mask(rows.tables, rows.lengths, rows.prefix_lengths),
+            decode_mask=self._decode_mask(rows.tables, rows.lengths, rows.shared_tokens),
             block_size=bs,
             segments=self._segments(seqs, rows.token_slots),
             decode_is_all=not rows.prefill_ranges,
@@ -83,23 +83,24 @@ class ModelRunner:
         """Appends the rows of `seq`'s next `count` tokens (positions num_cached onwards)."""
         start, first = len(rows.ids), seq.num_cached
         total = first + count
-        offset = self.deltas.position_offset(seq.adapter_slot) if self.deltas is not None else 0
-        table, bs = seq.block_table, self.block_size
+        binding, table, bs = seq.binding, seq.block_table, self.block_size
         if first == 0 or count > 1:
             rows.prefill_ranges.append((start, count))
-            # A later chunk of a prompt also attends to the chunks before it, read back from the cache.
-            rows.context_slots.append([table[p // bs] * bs + p % bs for p in range(total)] if first else [])
+            # Tokens before the chunk (shared blocks' first, then the sequence's cached ones) are read back from
+            # the cache; this step's are written there before attention reads them.
+            shared = [b * bs + i for b in binding.shared_blocks for i in range(bs)][:binding.shared_tokens]
+            context = [table[p // bs] * bs + p % bs for p in range(total)] if first or shared else []
+            rows.context_slots.append(shared + context)
         else:
             rows.decode_rows.append(start)
-            prefix = self.deltas.kv_prefix(seq.adapter_slot) if self.deltas is not None else None
-            rows.tables.append(prefix[0] + table if prefix else table)
-            rows.prefix_lengths.append(prefix[1] if prefix else 0)
+            rows.tables.append(list(binding.shared_blocks) + table)
+            rows.shared_tokens.append(binding.shared_tokens)
             rows.lengths.append(total)
         rows.ids.extend(seq.all_ids[first:total])
         pos = range(first, total)
-        rows.positions.extend(p + offset for p in pos)
+        rows.positions.extend(p + binding.position_offset for p in pos)
         rows.slots.extend(table[p // bs] * bs + p % bs for p in pos)
-        rows.token_slots.extend([seq.adapter_slot] * count)
+        rows.token_slots.extend([binding.slot] * count)
         if total == len(seq):
             rows.logits_rows.append(len(rows.ids) - 1)
 
@@ -110,13 +111,13 @@ class ModelRunner:
         width = max((len(t) for t in tables), default=0)
         return self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
 
-    def _decode_mask(self, tables: list[list[int]], lengths: list[int], prefix_lengths: list[int]) -> torch.Tensor:
+    def _decode_mask(self, tables: list[list[int]], lengths: list[int], shared_tokens: list[int]) -> torch.Tensor:
         bs = self.block_size
         width = max((len(t) for t in tables), default=0) * bs
         cols = torch.arange(width, device=self.device).unsqueeze(0)          # [1, L]
-        prefix = self._tensor(prefix_lengths).unsqueeze(1)                   # [B, 1]
-        # A row's own tokens start after its prefix blocks (whose last block may be part empty).
-        own = self._tensor([-(-p // bs) * bs for p in prefix_lengths]).unsqueeze(1)
+        prefix = self._tensor(shared_tokens).unsqueeze(1)                    # [B, 1]
+        # A row's own tokens start after its shared blocks (whose last block may be part empty).
+        own = self._tensor([-(-p // bs) * bs for p in shared_tokens]).unsqueeze(1)
         mask = (cols < prefix) | ((cols >= own) & (cols < own + self._tensor(lengths).unsqueeze(1)))
         return mask.view(len(lengths), 1, 1, width)
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-from server.deltas.slots import Binding
 from server.engine.block_manager import BlockManager
 from server.engine.errors import UnknownAdapter
 from server.engine.request import Sequence
+from server.engine.residency import AdapterLease, Binding
 
 # Steps a request may be passed over for want of its adapter before it goes first and, if it needs a slot that
 # running requests hold, admission of other adapters' requests pauses until one is free (no starvation).
@@ -17,11 +18,19 @@ AGE_LIMIT = 16
 
 
 class AdapterAdmission(Protocol):
-    """The device tier as the scheduler sees it (server.deltas.slots.AdapterSlots)."""
+    """The device tier as the scheduler sees it (server.engine.residency.AdapterSlots)."""
 
     def start_step(self, decoding: bool) -> None: ...
-    def ready(self, lease: Any) -> bool: ...
-    def bind(self, lease: Any) -> Binding: ...
+    def ready(self, lease: AdapterLease) -> bool: ...
+    def bind(self, lease: AdapterLease) -> Binding: ...
+
+
+class Admission(enum.Enum):
+    """What admitting one waiting request came to this step."""
+
+    ADMITTED = "admitted"    # it holds its adapter (or needs none): it joins the batch
+    LATER = "later"          # not this step (its adapter is being fetched or placed, or it failed)
+    DRAIN = "drain"          # aged, and its adapter needs a slot running requests hold: admit no other adapter
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Scheduler:
         self.max_prefill_chunk = max_prefill_chunk or max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._waited: dict[int, int] = {}   # id(seq) -> steps it was passed over for want of its adapter
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -106,13 +116,14 @@ class Scheduler:
                 break
             if not self.blocks.can_allocate(seq):
                 break
-            if draining and seq.adapter_lease is not None and seq.adapter_slot < 0:
+            if draining and seq.adapter_lease is not None and seq.adapter_lease.binding is None:
                 continue
-            admitted = self._bind_adapter(seq, step)
-            if admitted is None:
+            admission = self._bind_adapter(seq, step)
+            if admission is Admission.DRAIN:
                 draining = True
-            if not admitted:
+            if admission is not Admission.ADMITTED:
                 continue
+            self._waited.pop(id(seq), None)
             self.blocks.allocate(seq)
             self.waiting.remove(seq)
             self.running.append(seq)
@@ -128,26 +139,25 @@ class Scheduler:
         for seq in self.waiting:
             lease = seq.adapter_lease
             (ready if lease is None or self.adapters.ready(lease) else later).append(seq)
-        aged = [seq for seq in later if seq.adapter_lease.waited_steps > AGE_LIMIT]
-        return aged + ready + [seq for seq in later if seq.adapter_lease.waited_steps <= AGE_LIMIT]
+        aged = [seq for seq in later if self._waited.get(id(seq), 0) > AGE_LIMIT]
+        return aged + ready + [seq for seq in later if self._waited.get(id(seq), 0) <= AGE_LIMIT]
 
-    def _bind_adapter(self, seq: Sequence, step: ScheduledStep) -> bool | None:
-        """True: the request holds its adapter's slot. False: not yet (or it failed). None: an aged request
-        needs a slot that running requests hold."""
+    def _bind_adapter(self, seq: Sequence, step: ScheduledStep) -> Admission:
         lease = seq.adapter_lease
         if lease is None or self.adapters is None:
-            return True
+            return Admission.ADMITTED
         try:
             outcome = self.adapters.bind(lease)
         except UnknownAdapter as error:
             self.waiting.remove(seq)
+            self._waited.pop(id(seq), None)
             step.failed.append((seq, error))
-            return False
-        if outcome is Binding.BOUND:
-            seq.adapter_slot, seq.adapter_version = lease.slot, lease.version_number
-            return True
-        lease.waited_steps += 1
-        return None if outcome is Binding.NEEDS_SLOT and lease.waited_steps > AGE_LIMIT else False
+            return Admission.LATER
+        if outcome is Binding.BOUND and lease.binding is not None:
+            seq.binding = lease.binding
+            return Admission.ADMITTED
+        waited = self._waited[id(seq)] = self._waited.get(id(seq), 0) + 1
+        return Admission.DRAIN if outcome is Binding.NEEDS_SLOT and waited > AGE_LIMIT else Admission.LATER
 
     def _schedule_decodes(self, step: ScheduledStep) -> list[Sequence]:
         """Schedules the running sequences with one token to compute; returns those still reading their prompt."""
@@ -186,6 +196,7 @@ class Scheduler:
             index = next((i for i, queued in enumerate(queue) if queued is seq), None)
             if index is not None:
                 del queue[index]
+                self._waited.pop(id(seq), None)
                 self.blocks.free(seq)
                 return True
         return False

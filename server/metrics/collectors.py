@@ -6,13 +6,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from adapters_store.store import AdapterStore
 from adapters_store.versions import Tier
-from server.deltas.slots import AdapterSlots
 from server.engine.admission import EngineStats
+from server.engine.residency import AdapterSlots
 from server.metrics.definitions import PREFIX, method_label
 from server.metrics.inflight import InFlight
 
@@ -51,8 +51,14 @@ class ServerStateCollector(Collector):
         yield GaugeMetricFamily(PREFIX + "requests_running", "Requests in the running batch", value=now.running)
         yield GaugeMetricFamily(PREFIX + "requests_waiting", "Requests in the waiting queue (not yet scheduled, "
                                 "or preempted)", value=now.waiting)
+        stats = self.stats()
         yield GaugeMetricFamily(PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1)",
-                                value=self.stats().kv_usage)
+                                value=stats.kv_usage)
+        yield CounterMetricFamily(PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache "
+                                  "(tokens)", value=stats.prefix_cache_queries)
+        yield CounterMetricFamily(PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache, their "
+                                  "keys/values reused (tokens; hit rate = hits / queries)",
+                                  value=stats.prefix_cache_hits)
 
     def _adapters(self) -> Iterator[Metric]:
         registered: Counter[str] = Counter()

@@ -32,7 +32,7 @@ class ServerMetrics:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.registry = CollectorRegistry()
-        self.metrics = Metrics.create(self.registry, config.max_batch_size, config.max_adapter_slots)
+        self.metrics = Metrics.create(self.registry, config.max_batch_size, config.device_adapters)
         self.usage = AdapterUsage(config.metrics_top_adapters)
         self.registry.register(self.usage)
         self.loads = LoadMetrics(self.metrics)

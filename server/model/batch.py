@@ -7,7 +7,7 @@ grouped by adapter, so that each adapter's rows form one contiguous segment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -30,22 +30,12 @@ class AdapterSegments:
         return any(slot >= 0 for slot in self.slots)
 
 
-class JoinedKV(Protocol):
-    """Keys/values that some sequences attend to in front of their own (never rotated, always visible)."""
-
-    def decode(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """For the step's decode rows: keys, values [num_decode, kv_heads, P, hd] and mask [num_decode, 1, 1, P]."""
-
-    def prefill(self, layer: int, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For the index-th prefill sequence: keys, values [P, kv_heads, hd], or None."""
-
-
 @dataclass
 class BatchDescriptor:
     """Everything one forward needs: flat tokens, KV placement, attention groups and adapter segments."""
 
     input_ids: torch.Tensor      # [num_tokens]
-    positions: torch.Tensor      # [num_tokens] RoPE position of each token (shifted by a prefix's length if any)
+    positions: torch.Tensor      # [num_tokens] RoPE position of each token (shifted by an adapter's offset)
     slot_mapping: torch.Tensor   # [num_tokens] flat KV cache slot (block * block_size + offset)
     logits_indices: torch.Tensor  # [num_seqs] row of each sequence's last token
     # Prefill rows attend causally to their own new tokens and, for a later chunk of a prompt, to the
@@ -60,10 +50,9 @@ class BatchDescriptor:
     decode_is_all: bool = field(default=False)  # every row is a decode row (no gather needed)
     # Per-step state of each delta method in use, keyed by method name (filled by DeltaSet.prepare).
     method_state: dict[str, Any] = field(default_factory=dict)
-    # Extra keys/values joined to some rows' attention (prefix tuning), set by a delta method.
-    joined_kv: JoinedKV | None = None
-    # [num_prefill] each None (a first chunk: no context) or [context + rows] flat KV slots of all the sequence's
-    # tokens up to the chunk's last, this step's included (written before attention reads them).
+    # [num_prefill] each None (nothing cached before the rows) or [context + rows] flat KV slots of every token the
+    # sequence sees up to the chunk's last: shared blocks' tokens, cached ones, this step's (written before
+    # attention reads them).
     prefill_context: list[torch.Tensor | None] = field(default_factory=list)
 
     @property

@@ -1,4 +1,4 @@
-"""The device tier: which adapter version holds which preallocated slot, with reference counts and LRU.
+"""Residency, the device tier: which adapter version holds which preallocated slot, with reference counts and LRU.
 
 A request reserves its adapter's name when it is submitted (`acquire`: NOT_FOUND if the name is not served)
 and is bound to the name's current version and a slot when the scheduler admits it (`bind`), on the engine
@@ -7,7 +7,10 @@ the old version's slot to their last token while new ones get the new version. A
 evicted; idle slots are reused least recently used first, pinned versions' never. Placing weights into a slot
 is a copy on the engine thread (delta methods are not safe to change during a forward); while other requests are
 decoding, a step spends at most `place_seconds_per_step` on it (at least one placement), so a burst of first
-requests cannot stall running streams.
+requests cannot stall running streams. Binding yields a plain `AdapterBinding` record (slot, version, position
+offset, the adapter's shared KV blocks) that the scheduler, the KV blocks and the runner read; an adapter whose
+placement asks for shared keys/values (prefix tuning) has them written once into KV blocks pinned while it is
+resident.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ from dataclasses import dataclass
 from adapters_store.errors import AdapterNotFound
 from adapters_store.registry import AdapterRegistry
 from adapters_store.versions import AdapterEntry, AdapterVersion
+from server.deltas.base import Placement
 from server.deltas.deltaset import DeltaSet
+from server.engine.binding import AdapterBinding
+from server.engine.block_manager import BlockManager
 from server.engine.errors import Overloaded, UnknownAdapter
+from server.model.attention import PagedKVCache
 
 # Time one engine step may spend copying weights into slots while requests are decoding (at least one placement
 # per step). An r=8 q/v adapter on the default model takes about 2 ms (7 ms the first time a slot is written).
@@ -35,36 +42,59 @@ class Binding(enum.Enum):
     BOUND = "bound"            # it holds a slot with its version's weights
     NEEDS_FETCH = "fetch"      # its weights are being read back from disk
     NEEDS_SLOT = "slot"        # every slot is held by running requests (or pinned)
+    NEEDS_BLOCKS = "blocks"    # its shared keys/values need more free KV blocks than there are now
     STEP_BUDGET = "budget"     # this step has spent its time on placements already
+
+
+class SharedKV:
+    """Pins KV blocks for an adapter's shared keys/values and writes them there (the engine thread's blocks)."""
+
+    def __init__(self, blocks: BlockManager, cache: PagedKVCache) -> None:
+        self.blocks = blocks
+        self.cache = cache
+
+    def can_hold(self, placement: Placement) -> bool:
+        return self.blocks.can_pin(placement.shared_tokens)
+
+    def hold(self, placement: Placement) -> tuple[int, ...]:
+        if placement.shared_keys is None or placement.shared_values is None:
+            return ()
+        blocks = self.blocks.pin(placement.shared_tokens)
+        self.cache.write_blocks(blocks, placement.shared_keys, placement.shared_values)
+        return tuple(blocks)
+
+    def release(self, blocks: tuple[int, ...]) -> None:
+        self.blocks.unpin(blocks)
 
 
 @dataclass(eq=False)
 class AdapterLease:
-    """One request's hold on an adapter: the name from submission; the version and slot from admission."""
+    """One request's hold on an adapter: the name from submission; the version and binding from admission."""
 
     entry: AdapterEntry
     version: AdapterVersion | None = None
-    slot: int = -1
-    waited_steps: int = 0   # steps it was passed over for want of its adapter (the scheduler's ageing)
+    binding: AdapterBinding | None = None
 
     @property
-    def version_number(self) -> int:
-        return self.version.version if self.version is not None else 0
+    def slot(self) -> int:
+        return self.binding.slot if self.binding is not None else -1
 
 
 class AdapterSlots:
     """Maps adapter versions to device slots for the engine (the `AdapterResolver`) and the scheduler."""
 
-    def __init__(self, registry: AdapterRegistry, deltas: DeltaSet,
+    def __init__(self, registry: AdapterRegistry, deltas: DeltaSet, shared_kv: SharedKV,
                  place_seconds_per_step: float = PLACE_SECONDS_PER_STEP) -> None:
         self.registry = registry
         self.deltas = deltas
+        self.shared_kv = shared_kv
         self.num_slots = deltas.limits.num_slots
         self.place_seconds_per_step = place_seconds_per_step
         self._lock = threading.Lock()
         self._slot_of: dict[tuple[str, int], int] = {}
         self._version: list[AdapterVersion | None] = [None] * self.num_slots
         self._methods: list[tuple[str, ...]] = [()] * self.num_slots
+        self._binding: list[AdapterBinding | None] = [None] * self.num_slots
         self._refs = [0] * self.num_slots
         self._idle: OrderedDict[int, None] = OrderedDict()   # resident, unreferenced; oldest first
         self._free = list(range(self.num_slots - 1, -1, -1))
@@ -82,9 +112,9 @@ class AdapterSlots:
         except AdapterNotFound as error:
             raise UnknownAdapter(str(error)) from error
 
-    def acquire(self, adapter_id: str, timeout: float = 60.0) -> int:
-        """Reserves and binds the adapter at once and returns its slot, for code that drives the runner itself
-        (tests, benchmarks); give it back with `release(slot)`. Not for use while the engine runs.
+    def acquire(self, adapter_id: str, timeout: float = 60.0) -> AdapterBinding:
+        """Reserves and binds the adapter at once and returns its binding, for code that drives the runner itself
+        (tests, benchmarks); give it back with `release(binding)`. Not for use while the engine runs.
         Raises UnknownAdapter, or Overloaded when every slot is held."""
         lease = self.reserve(adapter_id)
         deadline = time.monotonic() + timeout
@@ -95,7 +125,8 @@ class AdapterSlots:
                 raise Overloaded(f"adapter {adapter_id!r} cannot be placed now ({outcome.value})")
             time.sleep(0.005)
         self._direct.setdefault(lease.slot, []).append(lease)
-        return lease.slot
+        assert lease.binding is not None
+        return lease.binding
 
     def resident(self) -> dict[str, int]:
         """Name -> slot of every current (not retired) version on the device."""
@@ -124,7 +155,7 @@ class AdapterSlots:
 
     def ready(self, lease: AdapterLease) -> bool:
         """Whether the request could run now without copying weights (bound, or its version is resident)."""
-        if lease.slot >= 0:
+        if lease.binding is not None:
             return True
         version = lease.entry.current
         return version is not None and (lease.entry.name, version.version) in self._slot_of
@@ -134,7 +165,7 @@ class AdapterSlots:
 
         Raises UnknownAdapter if the name has nothing left to serve (its files were refused when read back).
         """
-        if lease.slot >= 0:
+        if lease.binding is not None:
             return Binding.BOUND
         entry = lease.entry
         version = entry.current
@@ -148,7 +179,7 @@ class AdapterSlots:
                     return outcome
             self._refs[slot] += 1
             self._idle.pop(slot, None)
-        lease.version, lease.slot = version, slot
+        lease.version, lease.binding = version, self._binding[slot]
         return Binding.BOUND
 
     def mark_untrusted(self, lease: AdapterLease) -> None:
@@ -156,14 +187,14 @@ class AdapterSlots:
         if lease.version is not None:
             lease.version.nonfinite_outputs += 1
 
-    def release(self, lease: AdapterLease | int) -> None:
+    def release(self, lease: AdapterLease | AdapterBinding) -> None:
         """The request ended (or was refused after `reserve`): gives back its slot and its reservation.
-        An int is a slot from `acquire` (-1: none)."""
-        if isinstance(lease, int):
-            if lease < 0:
+        A binding is one from `acquire` (the base model's: nothing to give back)."""
+        if isinstance(lease, AdapterBinding):
+            if lease.slot < 0:
                 return
-            lease = self._direct[lease].pop()
-        slot, lease.slot = lease.slot, -1
+            lease = self._direct[lease.slot].pop()
+        slot, lease.binding = lease.slot, None
         if slot >= 0:
             with self._lock:
                 self._refs[slot] -= 1
@@ -186,10 +217,17 @@ class AdapterSlots:
         if slot is None:
             return Binding.NEEDS_SLOT, None
         start = time.perf_counter()
-        self.deltas.place(slot, weights.parts)   # a copy, between two steps
+        placement = self.deltas.place(slot, weights.parts)   # a copy, between two steps
+        if not self.shared_kv.can_hold(placement):
+            self.deltas.clear(slot, weights.parts)
+            self._free.append(slot)
+            return Binding.NEEDS_BLOCKS, None
+        shared = self.shared_kv.hold(placement)
         if self._placing is not None:
             self._placing += time.perf_counter() - start
         self._version[slot], self._methods[slot] = version, tuple(weights.parts)
+        self._binding[slot] = AdapterBinding(slot, version.version, b"%d" % version.uid, placement.position_offset,
+                                             shared, placement.shared_tokens)
         self._slot_of[(version.name, version.version)] = slot
         version.device_slot = slot
         return Binding.BOUND, slot
@@ -212,7 +250,10 @@ class AdapterSlots:
                 del self._slot_of[(version.name, version.version)]
             version.device_slot = -1
             self.deltas.clear(slot, self._methods[slot])
-        self._version[slot], self._methods[slot] = None, ()
+        binding = self._binding[slot]
+        if binding is not None:
+            self.shared_kv.release(binding.shared_blocks)
+        self._version[slot], self._methods[slot], self._binding[slot] = None, (), None
         self._idle.pop(slot, None)
         if free:
             self._free.append(slot)
