@@ -51,13 +51,17 @@ def mix() -> list[Ask]:
     return [Ask(adapter, prompt) for adapter in ["", *ADAPTERS] for prompt in PROMPTS]
 
 
-def answers(asks: list[Ask], grpc_target: str, http_url: str, ray: bool = False,
-            workers: int = 16) -> tuple[list[str], list[str]]:
-    """Every request over gRPC and over HTTP, all in flight together: (gRPC texts, HTTP texts)."""
+def openai_client(http_url: str, api_key: str | None = None) -> Any:
     from openai import OpenAI
 
-    openai = OpenAI(base_url=http_url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    with DeltaClient(grpc_target, timeout=300, ray=ray) as client, ThreadPoolExecutor(workers) as pool:
+    return OpenAI(base_url=http_url + "/v1", api_key=api_key or "unused", max_retries=0, timeout=300)
+
+
+def answers(asks: list[Ask], grpc_target: str, http_url: str, ray: bool = False, api_key: str | None = None,
+            workers: int = 16) -> tuple[list[str], list[str]]:
+    """Every request over gRPC and over HTTP, all in flight together: (gRPC texts, HTTP texts)."""
+    openai = openai_client(http_url, api_key)
+    with DeltaClient(grpc_target, timeout=300, ray=ray, api_key=api_key) as client, ThreadPoolExecutor(workers) as pool:
         grpc_texts = [pool.submit(ask.grpc, client) for ask in asks]
         http_texts = [pool.submit(ask.http, openai) for ask in asks]
         return [f.result() for f in grpc_texts], [f.result() for f in http_texts]

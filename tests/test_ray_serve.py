@@ -32,12 +32,14 @@ from tests.ray_traffic import (  # noqa: E402
     answers,
     make_store,
     mix,
+    openai_client,
     replica_stats,
     requests_by_replica,
     total_loads,
 )
 
 ENGINE = {"threads": 1, "kv_cache_tokens": 4096, "max_batch_size": 32}
+KEY = "ray-test-key"   # the cluster's API key: every client call below carries it
 
 
 def _long_asks() -> list[Ask]:
@@ -64,7 +66,7 @@ def reference(store: Path, cache_dir: str) -> dict[tuple[str, Ask], str]:
 @pytest.fixture(scope="module")
 def cluster(reference: Any, store: Path, tmp_path_factory: pytest.TempPathFactory) -> LocalRayServe:
     config = serve_config(tmp_path_factory.mktemp("ray-config") / "serve.yaml", store, replicas=2, max_adapters=4,
-                         **ENGINE)
+                          api_key=KEY, **ENGINE)
     running = LocalRayServe(config).start()
     yield running
     running.stop()
@@ -77,14 +79,14 @@ def figures() -> dict[str, float]:
 
 
 def test_affinity_same_answers_and_no_loads(cluster: LocalRayServe, reference: dict, figures: dict) -> None:
-    with DeltaClient(cluster.grpc_target, timeout=300, ray=True) as client:
+    with DeltaClient(cluster.grpc_target, timeout=300, ray=True, api_key=KEY) as client:
         for adapter in ADAPTERS:   # warm-up: each adapter once, so each is on a replica
             ask = Ask(adapter, PROMPTS[0])
             assert ask.grpc(client) == reference["grpc", ask]
     engine = cluster.engine()
     before = replica_stats(engine, 2)
     asks = mix() * 2
-    grpc_texts, http_texts = answers(asks, cluster.grpc_target, cluster.http_url, ray=True)
+    grpc_texts, http_texts = answers(asks, cluster.grpc_target, cluster.http_url, ray=True, api_key=KEY)
     after = replica_stats(engine, 2)
     assert grpc_texts == [reference["grpc", a] for a in asks]
     assert http_texts == [reference["http", a] for a in asks]
@@ -98,6 +100,38 @@ def test_affinity_same_answers_and_no_loads(cluster: LocalRayServe, reference: d
     figures["affinity"] = loads / (len(ADAPTERS) * 8)
     print(f"\naffinity: {loads} adapter loads for {len(ADAPTERS) * 8} adapter requests; per replica:",
           {replica: stats["requests"] for replica, stats in after.items()})
+
+
+def test_stock_clients_errors_health_and_info(cluster: LocalRayServe, reference: dict) -> None:
+    """A stock gRPC client (no routing metadata) is routed by its adapter_id; metadata that disagrees with it is
+    refused; unknown adapters are NOT_FOUND / 404 and a missing API key UNAUTHENTICATED / 401, as on one node;
+    health and ModelInfo answer through the proxy."""
+    from openai import AuthenticationError, NotFoundError
+
+    ask = Ask(ADAPTERS[0], PROMPTS[0])
+    with DeltaClient(cluster.grpc_target, timeout=300) as keyless:
+        with pytest.raises(grpc.RpcError) as refused:
+            ask.grpc(keyless)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert keyless.health() == "SERVING"
+    with pytest.raises(AuthenticationError):
+        ask.http(openai_client(cluster.http_url))
+    with DeltaClient(cluster.grpc_target, timeout=300, api_key=KEY) as stock:
+        assert ask.grpc(stock) == reference["grpc", ask]
+        assert stock.health() == "SERVING"
+        assert stock.model_info()["model_id"] == "SmolLM2-135M-Instruct"
+        with pytest.raises(grpc.RpcError) as unknown:
+            Ask("no-such-adapter", PROMPTS[0]).grpc(stock)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    with DeltaClient(cluster.grpc_target, timeout=300, api_key=KEY,
+                     metadata=[("multiplexed_model_id", ADAPTERS[1])]) as wrong:
+        with pytest.raises(grpc.RpcError) as mismatch:
+            ask.grpc(wrong)
+        assert mismatch.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    openai = openai_client(cluster.http_url, KEY)
+    with pytest.raises(NotFoundError):
+        Ask("no-such-adapter", PROMPTS[0]).http(openai)
+    assert {model.id for model in openai.models.list().data} == {"SmolLM2-135M-Instruct", *ADAPTERS}
 
 
 def _exclusive(stats: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
@@ -116,8 +150,6 @@ def _stream_outcome(stream: Any) -> grpc.StatusCode:
 
 
 def test_replica_death_retried_or_unavailable(cluster: LocalRayServe, reference: dict) -> None:
-    from openai import OpenAI
-
     engine = cluster.engine()
     before = replica_stats(engine, 2)
     exclusive = _exclusive(before)
@@ -125,8 +157,8 @@ def test_replica_death_retried_or_unavailable(cluster: LocalRayServe, reference:
     survivor = next(replica for replica in before if replica != victim)
     doomed, safe = exclusive[victim], exclusive[survivor]
     assert doomed and safe, before
-    openai = OpenAI(base_url=cluster.http_url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    with DeltaClient(cluster.grpc_target, timeout=300, ray=True) as client, ThreadPoolExecutor(16) as pool:
+    openai = openai_client(cluster.http_url, KEY)
+    with DeltaClient(cluster.grpc_target, timeout=300, ray=True, api_key=KEY) as client, ThreadPoolExecutor(16) as pool:
         streams = []
         for adapter in doomed:   # in flight on the victim: each has its first token
             request = {"messages": [{"role": "user", "content": PROMPTS[0]}], "adapter": adapter,
@@ -162,11 +194,11 @@ def test_replica_death_retried_or_unavailable(cluster: LocalRayServe, reference:
 
 def test_without_affinity_loads_far_more(cluster: LocalRayServe, reference: dict, figures: dict) -> None:
     """The same kind of mix sent to the engine deployment without the routing key (what Ray does for a request
-    with no model id: power of two choices on queue length), 8 at a time."""
+    with no model id: power of two choices on queue length), 16 at a time."""
     engine = cluster.engine()
     before = replica_stats(engine, 2)
     asks = [ask for ask in mix() * 4 if ask.adapter]
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(lambda ask: engine.generate.remote(build_request(
             messages=[{"role": "user", "content": ask.prompt}], adapter=ask.adapter, max_new_tokens=ask.tokens,
             ignore_eos=True)).result(timeout_s=300), asks))
@@ -177,3 +209,54 @@ def test_without_affinity_loads_far_more(cluster: LocalRayServe, reference: dict
     print(f"\nwithout affinity: {loads} adapter loads for {len(asks)} adapter requests ({per_request:.2f}/request); "
           f"with affinity: {figures.get('affinity')}/request")
     assert loads >= 4 and per_request >= 4 * max(figures.get("affinity", 0.0), 1 / len(asks))
+
+
+# --- no cluster needed ----------------------------------------------------------------------------------------
+
+
+def test_application_arguments_are_checked_before_any_replica(tmp_path: Path) -> None:
+    from server.ray.settings import RayAppSettings
+
+    for bad, reason in [({"replicas": 2}, "unknown deltaserve application argument"),
+                        ({"engine": {"port": 5}}, "decided by the Ray application"),
+                        ({"engine": {"max_batch_size": 0}}, "max_batch_size must be positive"),
+                        ({"engine": {"no_such": 1}}, "unknown engine setting"),
+                        ({"adapters_store": str(tmp_path / "missing")}, "is not a directory"),
+                        ({"max_adapters_per_replica": 0}, "max_adapters_per_replica")]:
+        with pytest.raises(ValueError, match=reason):
+            RayAppSettings.from_args(bad)
+    config = RayAppSettings.from_args({"adapters_store": str(tmp_path), "max_adapters_per_replica": 5,
+                                       "engine": {"threads": 1}}).server_config()
+    assert (config.adapters_dir, config.adapters_load_root, config.http_port, config.metrics_port) == \
+        ("", str(tmp_path), -1, -1)
+    assert (config.max_device_adapters, config.threads) == (5, 1)
+
+
+def test_config_file_is_read_and_the_cli_refuses_a_bad_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from server.cli import main
+    from server.ray.launch import read_config
+
+    config = read_config(Path(__file__).resolve().parents[1] / "deploy" / "ray" / "serve.yaml")
+    assert Path(config.applications[0].args["adapters_store"]).is_absolute()
+    (tmp_path / "bad.yaml").write_text("applications: [{import_path: elsewhere:app}]\n")
+    assert main(["ray-serve", str(tmp_path / "bad.yaml")]) == 2
+    assert "no application has import_path 'server.ray.app:build_app'" in capsys.readouterr().err
+    assert main(["ray-serve", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_clients_send_the_routing_metadata_only_for_ray() -> None:
+    from clients.channel import routing
+    from clients.cli import build_parser
+
+    assert routing("shout", True) == (("multiplexed_model_id", "shout"),)
+    assert routing("", True) == routing("shout", False) == ()
+    assert build_parser().parse_args(["generate", "--ray", "hi"]).ray is True
+
+
+def test_simulation_affinity_loads_less_than_round_robin(tmp_path: Path) -> None:
+    from benchmarks.affinity_sim import SimConfig, run
+
+    rows = run(SimConfig(adapters=500, replicas=4, slots=8, requests=6000, warmup=2000), [4])
+    by_policy = {row["policy"]: row for row in rows}
+    assert by_policy["affinity"]["load_rate"] < by_policy["round-robin"]["load_rate"]
+    assert all(row["balance"] >= 1.0 for row in rows)

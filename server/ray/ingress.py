@@ -24,10 +24,12 @@ from server.ray import retry
 from server.ray.asgi import portable_scope
 from server.ray.calls import ReplicaAbort, cause
 from server.ray.settings import RayAppSettings
+from server.security.keys import ApiKeys
 from server.service.server import GENERATION_SERVICE
 
 log = logging.getLogger("deltaserve.ray")
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+NEEDS_KEY = "this call needs the metadata 'authorization: Bearer <key>' with one of the server's API keys"
 
 
 def _fail(context: Any, error: BaseException) -> None:
@@ -53,16 +55,20 @@ class DeltaIngress:
     serving it dies before an answer went out."""
 
     def __init__(self, engine: DeploymentHandle, args: dict[str, Any]) -> None:
+        settings = RayAppSettings.from_args(args)
+        config = settings.server_config()
         self.engine = engine
-        self.retries = RayAppSettings.from_args(args).replica_retries
+        self.retries = settings.replica_retries
+        self.keys = ApiKeys.from_config(config.api_key, config.api_key_file)   # HTTP: the replica's app checks
         self._base_id = ""
 
     def _to(self, adapter: str, streaming: bool = False) -> DeploymentHandle:
         return self.engine.options(multiplexed_model_id=adapter, stream=streaming)
 
-    def _adapter(self, request: pb.GenerateRequest) -> str:
-        """The adapter a gRPC request names; the `multiplexed_model_id` metadata, when a client sends it, must
-        agree (a mismatch would defeat the routing)."""
+    def _adapter(self, request: pb.GenerateRequest, grpc_context: Any) -> str:
+        """The adapter a gRPC request names, once its API key is checked; the `multiplexed_model_id` metadata,
+        when a client sends it, must agree (a mismatch would defeat the routing)."""
+        self._check_key(grpc_context)
         routed = serve.get_multiplexed_model_id()
         if routed and routed != request.adapter_id:
             raise ReplicaAbort("INVALID_ARGUMENT", f"metadata multiplexed_model_id {routed[:128]!r} differs from "
@@ -71,7 +77,7 @@ class DeltaIngress:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:  # noqa: N802
         try:
-            adapter = self._adapter(request)
+            adapter = self._adapter(request, grpc_context)
             return await retry.call(lambda: self._to(adapter).generate.remote(request), self.retries)
         except Exception as error:
             _fail(grpc_context, error)
@@ -80,7 +86,7 @@ class DeltaIngress:
     async def GenerateStream(self, request: pb.GenerateRequest,  # noqa: N802
                              grpc_context: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
-            adapter = self._adapter(request)
+            adapter = self._adapter(request, grpc_context)
             async for message in retry.stream(lambda: self._to(adapter, True).generate_stream.remote(request),
                                               self.retries):
                 yield message
@@ -89,7 +95,18 @@ class DeltaIngress:
             raise StreamFailed(grpc_context.details()) from None
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: Any) -> pb.ModelInfoResponse:  # noqa: N802
+        try:
+            self._check_key(grpc_context)
+        except ReplicaAbort as error:
+            _fail(grpc_context, error)
+            return pb.ModelInfoResponse()
         return await retry.call(lambda: self._to("").model_info.remote(), self.retries)
+
+    def _check_key(self, grpc_context: Any) -> None:
+        if self.keys.required:
+            metadata = dict(grpc_context.invocation_metadata())
+            if not self.keys.allows(metadata.get("authorization")):
+                raise ReplicaAbort("UNAUTHENTICATED", NEEDS_KEY)
 
     async def Check(self, request: health_pb2.HealthCheckRequest,  # noqa: N802
                     grpc_context: Any) -> health_pb2.HealthCheckResponse:
