@@ -167,7 +167,7 @@ def test_replica_death_retried_or_unavailable(cluster: LocalRayServe, reference:
             next(streams[-1])
         unary = {ask: pool.submit(ask.grpc, client) for ask in _long_asks() if ask.adapter in doomed + safe}
         http = {ask: pool.submit(ask.http, openai) for ask in _long_asks() if ask.adapter in doomed}
-        time.sleep(0.5)
+        time.sleep(0.3)
         os.kill(before[victim]["pid"], signal.SIGKILL)
         outcomes = [_stream_outcome(stream) for stream in streams]
         assert set(outcomes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK} and grpc.StatusCode.UNAVAILABLE \
@@ -188,8 +188,13 @@ def test_replica_death_retried_or_unavailable(cluster: LocalRayServe, reference:
         time.sleep(1)
     replacement = next(replica for replica in now if replica != survivor)
     assert now[replacement]["pid"] != before[victim]["pid"]
+    # The doomed adapters' requests the living replicas served: the new ones, and those sent again after the kill.
+    served = sum(requests_by_replica(before, now, adapter)[replica] for adapter in doomed for replica in now)
+    retried = served - len(doomed)
+    assert retried >= 1, (served, now)
     print(f"\nkilled {victim} (pid {before[victim]['pid']}); stream outcomes {[o.name for o in outcomes]}; "
-          f"{len(unary) + len(http)} unary requests all answered; replacement {replacement}")
+          f"{len(unary) + len(http)} unary requests all answered, {retried} of them sent again; "
+          f"replacement {replacement}")
 
 
 def test_without_affinity_loads_far_more(cluster: LocalRayServe, reference: dict, figures: dict) -> None:

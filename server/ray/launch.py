@@ -79,8 +79,18 @@ def run(path: str, address: str | None, num_cpus: int | None, object_store_mib: 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    stop_serving(config, local=not address)
+    return 0
+
+
+def stop_serving(config: Any, local: bool) -> None:
+    """Deletes the file's applications; a local cluster started here is shut down with its proxies."""
+    import ray
     from ray import serve
 
+    if local:
+        serve.shutdown()
+        ray.shutdown()
+        return
     for app in config.applications:
         serve.delete(app.name)
-    return 0

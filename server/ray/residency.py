@@ -41,14 +41,15 @@ class ReplicaAdapters:
 
     def __init__(self, manager: AdapterManager, store: str, limit: int) -> None:
         self.manager = manager
-        self.store = Path(store) if store else None
+        self.store = Path(store).resolve() if store else None
         self.limit = limit
         self.loads = 0
         self.evictions = 0
         self.requests: Counter[str] = Counter()
-        self._admitting: Counter[str] = Counter()
+        self._running: Counter[str] = Counter()
         self._resident: dict[str, ResidentAdapter] = {}
         self._deferred: set[str] = set()
+        self._store_lock = asyncio.Lock()   # one load or unload at a time: a deferred unload races Ray's loads
 
         async def load(name: str) -> ResidentAdapter:  # a function: Ray keeps its LRU in an attribute of it
             return await self._load(name)
@@ -71,19 +72,20 @@ class ReplicaAdapters:
         if not name:
             yield
             return
-        self._admitting[name] += 1
+        self._running[name] += 1
         try:
             await self.load(name)
             yield
         finally:
-            self._admitting[name] -= 1
-            if not self._admitting[name] and name in self._deferred:
+            self._running[name] -= 1
+            if not self._running[name] and name in self._deferred:
                 await self._unload(name)
 
     async def _load(self, name: str) -> ResidentAdapter:
-        path = str(self.store / name) if self.store else name
+        path = str(self.store / name) if self.store else name   # absolute: the manager reads relative to its root
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.manager.load, name, path)
+            async with self._store_lock:
+                await asyncio.get_running_loop().run_in_executor(None, self.manager.load, name, path)
         except (InvalidAdminRequest, PathNotAllowed) as error:
             raise InvalidRequest(str(error)) from None
         except AdapterError as error:
@@ -100,17 +102,18 @@ class ReplicaAdapters:
             return
         del self._resident[resident.name]
         self.evictions += 1
-        if self._admitting[resident.name]:
+        if self._running[resident.name]:
             self._deferred.add(resident.name)
         else:
             await self._unload(resident.name)
 
     async def _unload(self, name: str) -> None:
         self._deferred.discard(name)
-        if name in self._resident:  # loaded again meanwhile
-            return
-        with contextlib.suppress(KeyError):
-            await asyncio.get_running_loop().run_in_executor(None, self.manager.unload, name)
+        async with self._store_lock:
+            if name in self._resident:  # loaded again meanwhile
+                return
+            with contextlib.suppress(KeyError):
+                await asyncio.get_running_loop().run_in_executor(None, self.manager.unload, name)
         log.info("adapter %s evicted (%d evictions)", name, self.evictions)
 
     def resident(self) -> list[str]:

@@ -71,7 +71,8 @@ class RayAppSettings:
         if unknown:
             raise ValueError(f"unknown engine setting(s) {unknown}: see `deltaserve serve --help`")
         fields = {**defaults, "max_device_adapters": self.max_adapters_per_replica, **self.engine}
-        fields.update(model=self.model, adapters_dir="", adapters_load_root=self.adapters_store,
+        store = str(Path(self.adapters_store).resolve()) if self.adapters_store else ""
+        fields.update(model=self.model, adapters_dir="", adapters_load_root=store,
                       adapters_poll_interval=0, port=0, http_port=-1, metrics_port=-1)
         return ServerConfig(**fields)
 
