@@ -134,6 +134,42 @@ def test_stock_clients_errors_health_and_info(cluster: LocalRayServe, reference:
     assert {model.id for model in openai.models.list().data} == {"SmolLM2-135M-Instruct", *ADAPTERS}
 
 
+def _busy(engine: Any) -> int:
+    """Requests running or waiting on the busiest replica (ModelInfo asked often enough to reach every one)."""
+    infos = [engine.model_info.remote().result(timeout_s=30) for _ in range(16)]
+    return max(info.running_requests + info.waiting_requests for info in infos)
+
+
+def _until_idle(engine: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while _busy(engine):
+        assert time.monotonic() < deadline, "a replica kept generating for a client that went away"
+        time.sleep(0.5)
+
+
+def test_a_client_going_away_ends_its_generation(cluster: LocalRayServe) -> None:
+    """Closing an HTTP stream or cancelling a gRPC stream ends the request on its replica (the ingress cancels the
+    handle call; the replica's app or servicer sees the disconnect)."""
+    import httpx
+
+    engine = cluster.engine()
+    body = {"model": ADAPTERS[0], "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60, headers={"authorization": f"Bearer {KEY}"}) as http, \
+            http.stream("POST", cluster.http_url + "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        next(lines)
+        assert _busy(engine) == 1
+    _until_idle(engine)
+    with DeltaClient(cluster.grpc_target, timeout=60, api_key=KEY) as client:
+        stream = client.generate_stream("Tell me a long story.", adapter=ADAPTERS[1], max_new_tokens=3000,
+                                        ignore_eos=True)
+        next(stream)
+        assert _busy(engine) == 1
+        stream.cancel()
+    _until_idle(engine)
+
+
 def _exclusive(stats: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     """The adapters resident on each replica and on no other."""
     return {replica: [a for a in s["resident"] if all(a not in o["resident"] for r, o in stats.items() if r != replica)]
@@ -211,6 +247,9 @@ def test_without_affinity_loads_far_more(cluster: LocalRayServe, reference: dict
     assert [reply.text for reply in replies] == [reference["grpc", ask] for ask in asks]
     loads = total_loads(after) - total_loads(before)
     per_request = loads / len(asks)
+    for stats in after.values():   # Ray's LRU evicted, and an evicted adapter left the engine too
+        assert len(stats["resident"]) <= 4 and stats["registered"] == stats["resident"], stats
+    assert sum(stats["evictions"] for stats in after.values()) > 0
     print(f"\nwithout affinity: {loads} adapter loads for {len(asks)} adapter requests ({per_request:.2f}/request); "
           f"with affinity: {figures.get('affinity')}/request")
     assert loads >= 4 and per_request >= 4 * max(figures.get("affinity", 0.0), 1 / len(asks))

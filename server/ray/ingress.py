@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -85,14 +85,18 @@ class DeltaIngress:
 
     async def GenerateStream(self, request: pb.GenerateRequest,  # noqa: N802
                              grpc_context: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
+        messages = None
         try:
             adapter = self._adapter(request, grpc_context)
-            async for message in retry.stream(lambda: self._to(adapter, True).generate_stream.remote(request),
-                                              self.retries):
+            messages = retry.stream(lambda: self._to(adapter, True).generate_stream.remote(request), self.retries)
+            async for message in messages:
                 yield message
         except Exception as error:
             _fail(grpc_context, error)
             raise StreamFailed(grpc_context.details()) from None
+        finally:   # a cancelled call cancels the replica's work now
+            if messages is not None:
+                await messages.aclose()
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: Any) -> pb.ModelInfoResponse:  # noqa: N802
         try:
@@ -166,7 +170,7 @@ def _lost(error: Exception) -> Response:
     return Response(json.dumps(body), status_code=503, media_type="application/json")
 
 
-async def _streamed(messages: AsyncIterator[dict[str, Any]]) -> Response:
+async def _streamed(messages: AsyncGenerator[dict[str, Any], None]) -> Response:
     """A streamed answer: the status and headers once the replica started it, then its events as they come; a
     replica lost mid-stream ends it with an error event (what OpenAI's clients read after the headers)."""
     try:
@@ -182,6 +186,8 @@ async def _streamed(messages: AsyncIterator[dict[str, Any]]) -> Response:
         except retry.ReplicaLost as error:
             yield sse(ApiError(503, str(error), "server_error", code="replica_lost").body())
             yield DONE
+        finally:   # the client went away: cancel the replica's work now, not when this is garbage collected
+            await messages.aclose()
 
     response = StreamingResponse(events(), status_code=start["status"])
     response.raw_headers = list(start.get("headers", []))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -33,7 +33,7 @@ async def call(make: Callable[[], Awaitable[T]], retries: int) -> T:
     raise ReplicaLost(f"the replica serving this request died {retries + 1} times; retry later")
 
 
-async def stream(make: Callable[[], AsyncIterator[Any]], retries: int) -> AsyncIterator[Any]:
+async def stream(make: Callable[[], AsyncIterator[Any]], retries: int) -> AsyncGenerator[Any, None]:
     """Yields `make()`'s items; starts it again when its replica dies before the first item, raises ReplicaLost
     when it dies after."""
     for attempt in range(retries + 1):
