@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"   # before any Triton kernel is decorated
+# Before any Triton kernel is decorated, and for the rest of the process: Triton also reads it later (its first
+# launch imports modules that check it). On CPU no other test runs Triton.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import inspect  # noqa: E402
 
@@ -18,7 +20,7 @@ from server.deltas.base import DeltaLimits  # noqa: E402
 from server.deltas.bottleneck_reference import apply_bottleneck_reference  # noqa: E402
 from server.deltas.deltaset import DeltaSet  # noqa: E402
 from server.deltas.lora_reference import lora_delta_reference  # noqa: E402
-from server.kernels import registry  # noqa: E402
+from server.kernels import registry, triton_backend  # noqa: E402,F401  (triton: decorated while interpreting)
 from server.model.loader import load_model  # noqa: E402
 from tests.helpers import segment_batch  # noqa: E402
 
@@ -115,3 +117,23 @@ def test_bottleneck_through_each_backend(tiny, backend):
             (seg.bounds[i], seg.bounds[i + 1], parts[slot].at(layer.index, "ffn"))
             for i, slot in enumerate(seg.slots) if slot >= 0])
         assert _close(got, want), layer.index
+
+
+def test_decode_attention_through_each_backend(backend):
+    """Paged decode attention with shared prefix blocks and GQA; torch_grouped also into a preallocated workspace."""
+    from server.kernels.interface import DecodeVisibility
+    from server.kernels.torch_ref import decode_attention_reference
+
+    gen = torch.Generator().manual_seed(6)
+    block_size, kv_heads, heads, head_dim = 4, 2, 6, 16
+    k_cache, v_cache = (torch.randn(30 * block_size, kv_heads, head_dim, generator=gen) for _ in range(2))
+    tables = torch.randperm(30, generator=gen)[:15].view(3, 5).to(torch.int32)   # [B, max_blocks]
+    vis = DecodeVisibility(prefix_lens=torch.tensor([0, 6, 3], dtype=torch.int32),
+                           own_starts=torch.tensor([0, 8, 4], dtype=torch.int32),
+                           lengths=torch.tensor([17, 9, 1], dtype=torch.int32))
+    q = torch.randn(3, heads, head_dim, generator=gen)
+    workspace = (torch.empty(40, block_size * kv_heads * head_dim), torch.empty(40, block_size * kv_heads * head_dim))
+    got = registry.get_backend(backend).decode_attention(q, k_cache, v_cache, tables, vis, block_size, 0.25,
+                                                         workspace=workspace)
+    want = decode_attention_reference(q, k_cache, v_cache, tables, vis, block_size, 0.25)
+    assert _close(got, want)

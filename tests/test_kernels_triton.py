@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"   # before any Triton kernel is decorated
+# Before any Triton kernel is decorated, and for the rest of the process: Triton also reads it later (its first
+# launch imports modules that check it). On CPU no other test runs Triton.
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

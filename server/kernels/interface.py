@@ -100,7 +100,8 @@ class KernelBackend(ABC):
 
     @abstractmethod
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         tables: torch.Tensor, visibility: DecodeVisibility, block_size: int,
-                         scale: float) -> torch.Tensor:
+                         tables: torch.Tensor, visibility: DecodeVisibility, block_size: int, scale: float,
+                         workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """q [B, H, hd]; k_cache, v_cache [num_blocks * block_size, kvh, hd]; tables [B, max_blocks] block ids.
-        Returns [B, H, hd]; head h reads KV head h // (H / kvh)."""
+        Returns [B, H, hd]; head h reads KV head h // (H / kvh). `workspace`: preallocated
+        [≥ B * max_blocks, block_size * kvh * hd] buffers for backends that gather blocks (the cache's gather_k/v)."""

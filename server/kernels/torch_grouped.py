@@ -29,11 +29,12 @@ class GroupedLoraKernel:
     def __call__(self, step: SegmentGroups, x: torch.Tensor, y: torch.Tensor) -> None:
         if step.groups:
             self._apply_groups(step, x, y)
-        ranks, a, bt = self.w.stacks.ranks, self.w.a, self.w.bt
-        for start, end, slot in step.loop:
-            r = ranks[slot]
-            if r:
-                y[start:end].addmm_(x[start:end] @ a[slot, :r].t(), bt[slot, :r])
+        if step.loop:
+            ranks, a, bt = self.w.stacks.ranks, self.w.a, self.w.bt
+            for start, end, slot in step.loop:
+                r = ranks[slot]
+                if r:
+                    y[start:end].addmm_(x[start:end] @ a[slot, :r].t(), bt[slot, :r])
 
     def _apply_groups(self, step: SegmentGroups, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.gathered_plan != step.plan_id:
@@ -136,15 +137,20 @@ class GroupedBottleneckKernel:
 
 
 def gathered_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                              visibility: DecodeVisibility, block_size: int, scale: float) -> torch.Tensor:
-    """Gathers each row's blocks, then one fused SDPA call with grouped-query heads (no K/V copy per head)."""
+                              visibility: DecodeVisibility, block_size: int, scale: float,
+                              workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Gathers each row's blocks (into the workspace when given), then one fused SDPA call with grouped-query heads
+    (no K/V copy per head)."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     width = tables.shape[1] * block_size
     row = block_size * kv_heads * head_dim
     flat = tables.reshape(-1).long()                                            # [B * max_blocks]
-    k = k_cache.reshape(-1, row).index_select(0, flat).view(num_seqs, width, kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.reshape(-1, row).index_select(0, flat).view(num_seqs, width, kv_heads, head_dim).transpose(1, 2)
+    outs = (None, None) if workspace is None else (workspace[0][:flat.shape[0]], workspace[1][:flat.shape[0]])
+    k = torch.index_select(k_cache.reshape(-1, row), 0, flat, out=outs[0])
+    v = torch.index_select(v_cache.reshape(-1, row), 0, flat, out=outs[1])
+    k = k.view(num_seqs, width, kv_heads, head_dim).transpose(1, 2)             # [B, kvh, L, hd]
+    v = v.view(num_seqs, width, kv_heads, head_dim).transpose(1, 2)
     mask = visibility.mask(width).view(num_seqs, 1, 1, width)
     qg = q.view(num_seqs, kv_heads, num_heads // kv_heads, head_dim)            # [B, kvh, group, hd]
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
@@ -166,6 +172,6 @@ class TorchGroupedBackend(KernelBackend):
         return GroupedBottleneckKernel(weights, planner)
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         tables: torch.Tensor, visibility: DecodeVisibility, block_size: int,
-                         scale: float) -> torch.Tensor:
-        return gathered_decode_attention(q, k_cache, v_cache, tables, visibility, block_size, scale)
+                         tables: torch.Tensor, visibility: DecodeVisibility, block_size: int, scale: float,
+                         workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return gathered_decode_attention(q, k_cache, v_cache, tables, visibility, block_size, scale, workspace)

@@ -110,6 +110,6 @@ class TorchRefBackend(KernelBackend):
         return RefBottleneckKernel(weights)
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         tables: torch.Tensor, visibility: DecodeVisibility, block_size: int,
-                         scale: float) -> torch.Tensor:
+                         tables: torch.Tensor, visibility: DecodeVisibility, block_size: int, scale: float,
+                         workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         return decode_attention_reference(q, k_cache, v_cache, tables, visibility, block_size, scale)

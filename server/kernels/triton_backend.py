@@ -103,7 +103,7 @@ class TritonBackend(KernelBackend):
         return TritonBottleneckKernel(weights)
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         tables: torch.Tensor, visibility: DecodeVisibility, block_size: int,
-                         scale: float) -> torch.Tensor:
+                         tables: torch.Tensor, visibility: DecodeVisibility, block_size: int, scale: float,
+                         workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         return paged_decode_attention(q, k_cache, v_cache, tables, visibility.prefix_lens, visibility.own_starts,
                                       visibility.lengths, block_size, scale)

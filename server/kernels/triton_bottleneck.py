@@ -47,6 +47,18 @@ def _activate(x, code):
 
 
 @triton.jit
+def _load_input(in0_ptr, in1_ptr, in2_ptr, offsets, mask, source):
+    """The slot's input tile: sub-layer input (0), sub-layer output (1) or block output (2)."""
+    if source == 0:
+        xt = tl.load(in0_ptr + offsets, mask=mask, other=0.0)
+    elif source == 1:
+        xt = tl.load(in1_ptr + offsets, mask=mask, other=0.0)
+    else:
+        xt = tl.load(in2_ptr + offsets, mask=mask, other=0.0)
+    return xt
+
+
+@triton.jit
 def _bottleneck_kernel(in0_ptr, in1_ptr, in2_ptr, down_ptr, dbias_ptr, up_ptr, ubias_ptr,
                        ranks_ptr, input_codes_ptr, act_codes_ptr, starts_ptr, lens_ptr, slots_ptr,
                        hidden, stride_m, stride_ds, stride_dr, stride_dbs, stride_us, stride_ur, stride_ubs,
@@ -70,13 +82,8 @@ def _bottleneck_kernel(in0_ptr, in1_ptr, in2_ptr, down_ptr, dbias_ptr, up_ptr, u
         hid = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            x_mask = row_ok[:, None] & (k < hidden)[None, :]
-            if source == 0:
-                xt = tl.load(in0_ptr + row_off + k[None, :], mask=x_mask, other=0.0)      # [BM, BK]
-            elif source == 1:
-                xt = tl.load(in1_ptr + row_off + k[None, :], mask=x_mask, other=0.0)
-            else:
-                xt = tl.load(in2_ptr + row_off + k[None, :], mask=x_mask, other=0.0)
+            xt = _load_input(in0_ptr, in1_ptr, in2_ptr, row_off + k[None, :],
+                             row_ok[:, None] & (k < hidden)[None, :], source)                 # [BM, BK]
             dt = tl.load(down_rows + k[:, None], mask=r_ok[None, :] & (k < hidden)[:, None], other=0.0)  # [BK, R]
             if DOT_F32:
                 xt = xt.to(tl.float32)
