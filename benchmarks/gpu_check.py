@@ -44,6 +44,16 @@ PLANS = {
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12, "A10": 0.6e12}
 
 
+def guarded(fn: Any, *args: Any) -> dict[str, Any]:
+    """fn(*args), or {'error': ...} with the traceback's tail: a first GPU run reports every part it can."""
+    try:
+        return fn(*args)
+    except Exception as exc:   # noqa: BLE001  (recorded in the JSON, the run goes on)
+        import traceback
+
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+
+
 def kernel_errors(device: str) -> dict[str, Any]:
     """Worst error/bound ratio and largest absolute error of every kernel, fp32 and bf16, on the device."""
     from tests.kernel_cases import attention_case, bottleneck_case, lora_case
@@ -201,13 +211,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "device": device_name,
                                "dry_run": args.dry_run, "dtype": str(dtype), "torch": torch.__version__,
                                "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()}}
-    results["kernels"] = kernel_errors(device)
+    results["kernels"] = guarded(kernel_errors, device)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    results["models"] = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
-        results["models"] = {name: measure_model(name, plan, device, dtype, Path(work), start + args.budget_s,
-                                                 device_name) for name in plan["models"]}
+        for name in plan["models"]:
+            results["models"][name] = guarded(measure_model, name, plan, device, dtype, Path(work),
+                                              start + args.budget_s, device_name)
+            emit(results, False, args.out)   # what is measured so far survives a later failure
     results["seconds"] = time.monotonic() - start
+    if gpu:
+        results["max_memory_allocated_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     emit(results, False, args.out)
-    print(f"wrote {args.out} in {results['seconds']:.0f} s; kernels pass: {results['kernels']['all_pass']}")
+    print(f"wrote {args.out} in {results['seconds']:.0f} s; kernels pass: {results['kernels'].get('all_pass')}")
     return results
 
 

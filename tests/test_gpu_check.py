@@ -19,6 +19,7 @@ def test_dry_run_writes_every_figure(tmp_path):
                           env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert "error" not in result["kernels"] and "error" not in result["models"]["tiny"], result
     assert result["dry_run"] and result["device"] == "cpu"
     assert result["kernels"]["all_pass"], result["kernels"]
     assert {k.split("/")[0] for k in result["kernels"] if "/" in k} == {
