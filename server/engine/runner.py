@@ -76,6 +76,8 @@ class ModelRunner:
             segments=self._segments(seqs, rows.token_slots),
             decode_is_all=not rows.prefill_ranges,
             prefill_context=[self._tensor(c) if c else None for c in rows.context_slots],
+            prefill_masks=[self._causal_after(len(c), n) if c else None
+                           for c, (_, n) in zip(rows.context_slots, rows.prefill_ranges, strict=True)],
         )
         return seqs, batch
 
@@ -103,6 +105,10 @@ class ModelRunner:
         rows.token_slots.extend([binding.slot] * count)
         if total == len(seq):
             rows.logits_rows.append(len(rows.ids) - 1)
+
+    def _causal_after(self, total: int, rows: int) -> torch.Tensor:
+        """[rows, total]: the last `rows` of `total` tokens each see every token up to itself."""
+        return torch.ones(rows, total, dtype=torch.bool, device=self.device).tril(total - rows)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -82,22 +82,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVLay
         rows = slice(start, start + length)
         context = batch.prefill_context[index] if batch.prefill_context else None
         if context is None:
-            out[rows] = _prefill(q[rows], k[rows], v[rows], scale)
+            out[rows] = _prefill(q[rows], k[rows], v[rows], scale, None)
         else:   # keys/values of everything the sequence sees so far, from the cache
-            out[rows] = _prefill(q[rows], kv.k[context], kv.v[context], scale)
+            out[rows] = _prefill(q[rows], kv.k[context], kv.v[context], scale, batch.prefill_masks[index])
     if batch.num_decode:
         rows = batch.decode_rows
         out[rows] = _decode(q[rows], kv, batch, scale)
     return out
 
 
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+             mask: torch.Tensor | None) -> torch.Tensor:
     """q [T, H, hd] are the last T of the S tokens whose keys/values k, v [S, kvh, hd] are given (S > T when
-    tokens are cached before them): query i sees keys 0..S-T+i."""
-    mask = None
-    length, context = q.shape[0], k.shape[0] - q.shape[0]
-    if context:
-        mask = torch.ones(length, context + length, dtype=torch.bool, device=q.device).tril(context)  # [T, S]
+    tokens are cached before them, with mask [T, S]: query i sees keys 0..S-T+i); causal when mask is None."""
     # [T, H, hd] -> [1, H, T, hd]
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=scale,

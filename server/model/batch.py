@@ -54,6 +54,9 @@ class BatchDescriptor:
     # sequence sees up to the chunk's last: shared blocks' tokens, cached ones, this step's (written before
     # attention reads them).
     prefill_context: list[torch.Tensor | None] = field(default_factory=list)
+    # [num_prefill] each None or [rows, context + rows] True = attend: causal after the context (built once a step,
+    # not once a layer).
+    prefill_masks: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
