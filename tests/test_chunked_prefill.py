@@ -3,17 +3,15 @@ engine get the same greedy tokens whatever --max-prefill-chunk is, and those tok
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import pytest
 import torch
 
 from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
-from tests.fixtures.hub import HUB, MODEL_DIR, hub_model
+from tests.fixtures.hub import hub_model
+from tests.fixtures.mixed import mixed_server
 from tests.fixtures.reference import parts_logits
-from tests.helpers import ServerThread
-from tests.test_methods_mixed import _byte_tokenizer
 
 ADAPTERS = ("peft-lora", "peft-prefix", "prefix_tuning", "par_bn", "seq_bn", "mam")
 NEW_TOKENS = 6
@@ -24,21 +22,9 @@ PROMPTS = [TEXT[:100], TEXT[:37], TEXT[5:90], TEXT[:3], TEXT[20:100], TEXT[:64],
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from tests.store_fixtures import make_peft_lora
-    from tests.test_store_prefix import make_peft_prefix
-
     root = tmp_path_factory.mktemp("chunked")
-    model_dir = shutil.copytree(MODEL_DIR, root / "model")
-    _byte_tokenizer().save_pretrained(model_dir)
-    adapters = root / "adapters"
-    for name in ("prefix_tuning", "par_bn", "seq_bn", "mam"):
-        shutil.copytree(HUB / name, adapters / name)
-    base = hub_model()
-    make_peft_lora(base, adapters / "peft-lora", seed=5, r=8, lora_alpha=16,
-                   target_modules=["q_proj", "v_proj", "down_proj"])
-    make_peft_prefix(base, adapters / "peft-prefix", seed=6, tokens=4, projection=False)
-    with ServerThread(model=str(model_dir), adapters_dir=str(adapters), kv_cache_tokens=8192, block_size=4,
-                      max_model_len=128, warmup=False) as server:
+    with mixed_server(root, ("prefix_tuning", "par_bn", "seq_bn", "mam"), kv_cache_tokens=8192,
+                      max_model_len=128) as server:
         yield server
 
 

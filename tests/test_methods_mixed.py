@@ -6,7 +6,6 @@ through gRPC."""
 
 from __future__ import annotations
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -18,48 +17,23 @@ from deltaserve.v1 import generation_pb2 as pb
 from server.engine.binding import NO_ADAPTER
 from server.engine.request import SamplingParams, Sequence, StoppingParams
 from server.engine.scheduler import ScheduledStep
-from tests.fixtures.hub import ADAPTERS, HUB, MODEL_DIR, hub_model
+from tests.fixtures.hub import ADAPTERS, hub_model
+from tests.fixtures.mixed import mixed_server
 from tests.fixtures.reference import parts_logits
-from tests.helpers import ServerThread
 from tests.tolerance import model_logit_tolerance
 
 PROMPTS = ["abc", "hello world", "The quick brown fox", "x", "0123456789", "deltaserve!"]
 NEW_TOKENS = 8
 
 
-def _byte_tokenizer():
-    """A real 256-symbol byte-level tokenizer, so text prompts fit the 256-token fixture model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from tests.store_fixtures import make_peft_lora
-    from tests.test_store_prefix import make_peft_prefix
-
     root = tmp_path_factory.mktemp("mixed")
-    model_dir = shutil.copytree(MODEL_DIR, root / "model")
-    _byte_tokenizer().save_pretrained(model_dir)
-    adapters = root / "adapters"
-    for name in ADAPTERS:
-        shutil.copytree(HUB / name, adapters / name)
-    base = hub_model()
-    make_peft_lora(base, adapters / "peft-lora", seed=5, r=8, lora_alpha=16,
-                   target_modules=["q_proj", "v_proj", "down_proj"])
-    make_peft_prefix(base, adapters / "peft-prefix", seed=6, tokens=4, projection=False)
-    with ServerThread(model=str(model_dir), adapters_dir=str(adapters), kv_cache_tokens=4096, block_size=4,
-                      max_model_len=64, warmup=False) as server:
+    with mixed_server(root, ADAPTERS, kv_cache_tokens=4096, max_model_len=64) as server:
         store = server.running.stack.store
         combo = {"lora": store.get("peft-lora").parts["lora"], **store.get("mam").parts}
-        save_native(AdapterWeights("combo", "", "native", combo), adapters / "combo")
-        store.load("combo", adapters / "combo")
+        save_native(AdapterWeights("combo", "", "native", combo), root / "combo")
+        store.load("combo", root / "combo")
         yield server
 
 
