@@ -23,13 +23,14 @@ def free_port() -> int:
 
 
 def serve_config(out: Path, store: Path, replicas: int = 2, max_adapters: int = 4, **engine: Any) -> Path:
-    """deploy/ray/serve.yaml with free ports, the test's store, `replicas` one-thread CPU engine replicas."""
+    """deploy/ray/serve.yaml with free ports, the test's store, `replicas` CPU engine replicas of one CPU each (so
+    one torch thread each, unless `engine` says otherwise)."""
     config = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
     config["http_options"].update(host="127.0.0.1", port=free_port())
     config["grpc_options"]["port"] = free_port()
     app = config["applications"][0]
     app["args"].update(adapters_store=str(store), max_adapters_per_replica=max_adapters)
-    app["args"]["engine"].update({"threads": 1, "kv_cache_tokens": 4096, "max_batch_size": 32, **engine})
+    app["args"]["engine"].update({"kv_cache_tokens": 4096, "max_batch_size": 32, **engine})
     engine_deployment = next(d for d in app["deployments"] if d["name"] == "DeltaEngine")
     engine_deployment.update(num_replicas=replicas, health_check_period_s=1, graceful_shutdown_timeout_s=2)
     out.write_text(yaml.safe_dump(config), encoding="utf-8")

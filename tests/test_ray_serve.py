@@ -65,8 +65,9 @@ def reference(store: Path, cache_dir: str) -> dict[tuple[str, Ask], str]:
 
 @pytest.fixture(scope="module")
 def cluster(reference: Any, store: Path, tmp_path_factory: pytest.TempPathFactory) -> LocalRayServe:
+    engine = {name: value for name, value in ENGINE.items() if name != "threads"}   # from num_cpus: 1
     config = serve_config(tmp_path_factory.mktemp("ray-config") / "serve.yaml", store, replicas=2, max_adapters=4,
-                          api_key=KEY, **ENGINE)
+                          api_key=KEY, **engine)
     running = LocalRayServe(config).start()
     yield running
     running.stop()
@@ -88,6 +89,7 @@ def test_affinity_same_answers_and_no_loads(cluster: LocalRayServe, reference: d
     asks = mix() * 2
     grpc_texts, http_texts = answers(asks, cluster.grpc_target, cluster.http_url, ray=True, api_key=KEY)
     after = replica_stats(engine, 2)
+    assert [stats["threads"] for stats in after.values()] == [1, 1]   # the replica's CPUs, not the node's
     assert grpc_texts == [reference["grpc", a] for a in asks]
     assert http_texts == [reference["http", a] for a in asks]
     for adapter in ADAPTERS:

@@ -3,16 +3,19 @@ many adapters in one batch. Its callers are the ingress (gRPC and HTTP) and oper
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 from starlette.types import Message
 
 from deltaserve.v1 import generation_pb2 as pb
 from server.app import build_stack, load
+from server.config import ServerConfig, env_name
 from server.engine.errors import InvalidRequest, UnknownAdapter
 from server.http.app import HttpContext, create_app
 from server.ray.asgi import run_asgi
@@ -27,6 +30,16 @@ from server.service.server import model_info_provider
 log = logging.getLogger("deltaserve.ray")
 
 
+def replica_config(settings: RayAppSettings) -> ServerConfig:
+    """The engine's configuration; unless the settings or DELTASERVE_THREADS say, its torch threads are the CPUs
+    Ray gave this replica (`ray_actor_options.num_cpus`), not every core of the node."""
+    config = settings.server_config()
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    if cpus > 0 and "threads" not in settings.engine and env_name("threads") not in os.environ:
+        config = dataclasses.replace(config, threads=cpus)
+    return config
+
+
 @serve.deployment(name="DeltaEngine", max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=10)
 class DeltaEngine:
@@ -37,7 +50,8 @@ class DeltaEngine:
 
     def __init__(self, args: dict[str, Any]) -> None:
         settings = RayAppSettings.from_args(args)
-        config = settings.server_config()
+        config = replica_config(settings)
+        self.threads = config.threads
         loaded = load(config)
         self.stack = build_stack(loaded, config)
         engine = self.stack.engine
@@ -100,7 +114,7 @@ class DeltaEngine:
         Ray and registered in the engine, requests per adapter id."""
         context = serve.get_replica_context()
         return {"replica": context.replica_id.unique_id, "pid": os.getpid(), "loads": self.adapters.loads,
-                "evictions": self.adapters.evictions, "resident": self.adapters.resident(),
+                "evictions": self.adapters.evictions, "resident": self.adapters.resident(), "threads": self.threads,
                 "registered": sorted(self.stack.store.names()), "requests": dict(self.adapters.requests)}
 
     def _adapter(self, request: pb.GenerateRequest) -> str:

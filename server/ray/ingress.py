@@ -4,6 +4,7 @@ id, so Ray routes it to a replica that holds the adapter. Stock clients need not
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -29,6 +30,7 @@ from server.service.server import GENERATION_SERVICE
 
 log = logging.getLogger("deltaserve.ray")
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+HEALTH_TIMEOUT_S = 5.0
 NEEDS_KEY = "this call needs the metadata 'authorization: Bearer <key>' with one of the server's API keys"
 
 
@@ -119,8 +121,11 @@ class DeltaIngress:
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
             grpc_context.set_details(f"unknown service {request.service[:128]!r}")
             return health_pb2.HealthCheckResponse()
-        try:
-            await self._base_model_id()
+        async def ask() -> str:
+            return await self._to("").base_model_id.remote()
+
+        try:   # a replica answers now (a call with no replica running would wait for one)
+            await asyncio.wait_for(ask(), HEALTH_TIMEOUT_S)
         except Exception as error:  # no replica running (yet): that is what NOT_SERVING says
             log.info("health check: %s", error)
             return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
