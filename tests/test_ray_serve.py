@@ -23,7 +23,7 @@ pytest.importorskip("ray.serve")
 from clients.client import DeltaClient  # noqa: E402
 from clients.messages import build_request  # noqa: E402
 from tests.helpers import ServerThread  # noqa: E402
-from tests.ray_cluster import LocalRayServe, serve_config  # noqa: E402
+from tests.ray_cluster import APP, LocalRayServe, serve_config  # noqa: E402
 from tests.ray_traffic import (  # noqa: E402
     ADAPTERS,
     LONG_TOKENS,
@@ -188,6 +188,8 @@ def _stream_outcome(stream: Any) -> grpc.StatusCode:
 
 
 def test_replica_death_retried_or_unavailable(cluster: LocalRayServe, reference: dict) -> None:
+    from ray import serve
+
     engine = cluster.engine()
     before = replica_stats(engine, 2)
     exclusive = _exclusive(before)
@@ -229,9 +231,12 @@ def test_replica_death_retried_or_unavailable(cluster: LocalRayServe, reference:
     # The doomed adapters' requests the living replicas served: the new ones, and those sent again after the kill.
     served = sum(requests_by_replica(before, now, adapter)[replica] for adapter in doomed for replica in now)
     retried = served - len(doomed)
-    assert retried >= 1, (served, now)
+    failover = serve.get_deployment_handle("DeltaIngress", APP).stats.remote().result(timeout_s=30)
+    assert failover["lost_mid_stream"] == len(doomed) and failover["gave_up"] == 0, failover
+    assert failover["sent_again"] >= 1 and retried >= 1, (failover, served, now)
     print(f"\nkilled {victim} (pid {before[victim]['pid']}); stream outcomes {[o.name for o in outcomes]}; "
-          f"{len(unary) + len(http)} unary requests all answered, {retried} of them sent again; "
+          f"{len(unary) + len(http)} unary requests all answered, {retried} on the living replicas, "
+          f"{failover['sent_again']} sent again by the ingress; "
           f"replacement {replacement}")
 
 

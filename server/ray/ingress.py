@@ -60,7 +60,7 @@ class DeltaIngress:
         settings = RayAppSettings.from_args(args)
         config = settings.server_config()
         self.engine = engine
-        self.retries = settings.replica_retries
+        self.failover = retry.Failover(settings.replica_retries)
         self.keys = ApiKeys.from_config(config.api_key, config.api_key_file)   # HTTP: the replica's app checks
         self._base_id = ""
 
@@ -80,7 +80,7 @@ class DeltaIngress:
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:  # noqa: N802
         try:
             adapter = self._adapter(request, grpc_context)
-            return await retry.call(lambda: self._to(adapter).generate.remote(request), self.retries)
+            return await self.failover.call(lambda: self._to(adapter).generate.remote(request))
         except Exception as error:
             _fail(grpc_context, error)
             return pb.GenerateResponse()
@@ -90,7 +90,7 @@ class DeltaIngress:
         messages = None
         try:
             adapter = self._adapter(request, grpc_context)
-            messages = retry.stream(lambda: self._to(adapter, True).generate_stream.remote(request), self.retries)
+            messages = self.failover.stream(lambda: self._to(adapter, True).generate_stream.remote(request))
             async for message in messages:
                 yield message
         except Exception as error:
@@ -106,7 +106,7 @@ class DeltaIngress:
         except ReplicaAbort as error:
             _fail(grpc_context, error)
             return pb.ModelInfoResponse()
-        return await retry.call(lambda: self._to("").model_info.remote(), self.retries)
+        return await self.failover.call(lambda: self._to("").model_info.remote())
 
     def _check_key(self, grpc_context: Any) -> None:
         if self.keys.required:
@@ -139,9 +139,9 @@ class DeltaIngress:
         adapter = resolve_model(str(fields.get("model", "")), await self._base_model_id()) if fields else ""
         handle = self._to(adapter, True)
         if fields.get("stream") is True:
-            return await _streamed(retry.stream(lambda: handle.http.remote(scope, body), self.retries))
+            return await _streamed(self.failover.stream(lambda: handle.http.remote(scope, body)))
         try:
-            messages = await retry.call(lambda: _collect(handle.http.remote(scope, body)), self.retries)
+            messages = await self.failover.call(lambda: _collect(handle.http.remote(scope, body)))
         except retry.ReplicaLost as error:
             return _lost(error)
         start = messages[0]
@@ -149,9 +149,13 @@ class DeltaIngress:
         response.raw_headers = list(start.get("headers", []))
         return response
 
+    def stats(self) -> dict[str, int]:
+        """How often a replica died under a request: sent again, lost mid-stream, given up."""
+        return self.failover.counts()
+
     async def _base_model_id(self) -> str:
         if not self._base_id:
-            self._base_id = await retry.call(lambda: self._to("").base_model_id.remote(), self.retries)
+            self._base_id = await self.failover.call(lambda: self._to("").base_model_id.remote())
         return self._base_id
 
 
