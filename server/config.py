@@ -13,8 +13,9 @@ from typing import Any
 ENV_PREFIX = "DELTASERVE_"
 # RoPE tables reach this far past the model's context, for PEFT prefixes that shift positions.
 MAX_PREFIX_TOKENS = 512
-# Prompt tokens per step when --max-prefill-chunk is auto: on 2 CPU cores a 64-token chunk beside 8 decodes costs
-# about one more decode step (docs/benchmarks.md, chunked prefill); a GPU reads 512 in about a decode step's time.
+# Prompt tokens per step when --max-prefill-chunk is auto: on 2 CPU cores a step carrying a 64-token chunk beside 8
+# decodes costs about 2.5 decode-only steps, and the streams' longest gap stays under 1.5x their median while a
+# 2,900-token prompt is read (docs/benchmarks.md, chunked prefill); 512 on a GPU is unmeasured (no GPU lent yet).
 AUTO_PREFILL_CHUNK = {"cpu": 64, "cuda": 512}
 DEFAULT_DEVICE_ADAPTERS = 64
 
