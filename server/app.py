@@ -18,6 +18,7 @@ from server.engine.residency import AdapterSlots, SharedKV
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.engine.threads import single_threaded
+from server.kernels.registry import configure as configure_kernels
 from server.model.attention import PagedKVCache
 from server.model.loader import LoadedModel, load_model
 
@@ -44,6 +45,7 @@ def load(config: ServerConfig) -> LoadedModel:
 
 
 def build_stack(loaded: LoadedModel, config: ServerConfig, store_listener: StoreListener | None = None) -> ServingStack:
+    configure_kernels(None if config.kernels == "auto" else config.kernels)   # before the cache and the deltas
     shape = loaded.shape
     num_blocks = config.kv_cache_tokens // config.block_size
     max_model_len = min(config.max_model_len, shape.max_position_embeddings, num_blocks * config.block_size)

@@ -37,6 +37,10 @@ class ServerConfig:
     device: str = field(default="auto", metadata=_opt("auto = cuda when available", choices=("auto", "cpu", "cuda")))
     dtype: str = field(default="auto", metadata=_opt(
         "auto = bfloat16 on cuda, float32 on cpu", choices=("auto", "float32", "bfloat16", "float16")))
+    kernels: str = field(default="auto", metadata=_opt(
+        "kernel backend for the LoRA, bottleneck and decode-attention hot paths (auto = triton on cuda, "
+        "torch_grouped on cpu; torch_ref is the plain reference)",
+        choices=("auto", "torch_ref", "torch_grouped", "triton")))
     host: str = field(default="0.0.0.0", metadata=_opt("address to listen on"))
     port: int = field(default=50051, metadata=_opt("gRPC port (0 picks a free one)"))
     adapters_dir: str = field(default="", metadata=_opt(
@@ -150,7 +154,7 @@ class ServerConfig:
             raise ValueError(f"max_prefix_tokens must be at most {MAX_PREFIX_TOKENS}")
         if self.kv_cache_tokens < self.block_size:
             raise ValueError("kv_cache_tokens must hold at least one block")
-        for name in ("device", "dtype", "log_level"):
+        for name in ("device", "dtype", "kernels", "log_level"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")

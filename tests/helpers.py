@@ -14,6 +14,7 @@ from deltaserve.v1 import generation_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, GenerationResult, RequestOutput
+from server.kernels.interface import DecodeVisibility
 from server.model.batch import AdapterSegments, BatchDescriptor
 
 
@@ -98,7 +99,7 @@ def segment_batch(token_slots: list[int]) -> BatchDescriptor:
     t = torch.tensor(token_slots)
     return BatchDescriptor(input_ids=t, positions=t, slot_mapping=t, logits_indices=empty, prefill_ranges=[],
                            decode_rows=empty, decode_block_tables=empty.view(0, 0),
-                           decode_mask=torch.zeros(0, 1, 1, 0, dtype=torch.bool), block_size=1,
+                           decode_visibility=DecodeVisibility(empty, empty, empty), block_size=1,
                            segments=AdapterSegments(bounds, slots, t, t))
 
 

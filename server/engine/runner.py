@@ -9,6 +9,7 @@ import torch
 from server.deltas.deltaset import DeltaSet
 from server.engine.request import Sequence
 from server.engine.scheduler import ScheduledStep
+from server.kernels.interface import DecodeVisibility
 from server.model.attention import PagedKVCache
 from server.model.batch import AdapterSegments, BatchDescriptor
 from server.model.llama import CausalLM
@@ -71,7 +72,7 @@ class ModelRunner:
             prefill_ranges=rows.prefill_ranges,
             decode_rows=self._tensor(rows.decode_rows),
             decode_block_tables=self._block_tables(rows.tables),
-            decode_mask=self._decode_mask(rows.tables, rows.lengths, rows.shared_tokens),
+            decode_visibility=self._visibility(rows.lengths, rows.shared_tokens),
             block_size=bs,
             segments=self._segments(seqs, rows.token_slots),
             decode_is_all=not rows.prefill_ranges,
@@ -117,15 +118,12 @@ class ModelRunner:
         width = max((len(t) for t in tables), default=0)
         return self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
 
-    def _decode_mask(self, tables: list[list[int]], lengths: list[int], shared_tokens: list[int]) -> torch.Tensor:
+    def _visibility(self, lengths: list[int], shared_tokens: list[int]) -> DecodeVisibility:
         bs = self.block_size
-        width = max((len(t) for t in tables), default=0) * bs
-        cols = torch.arange(width, device=self.device).unsqueeze(0)          # [1, L]
-        prefix = self._tensor(shared_tokens).unsqueeze(1)                    # [B, 1]
         # A row's own tokens start after its shared blocks (whose last block may be part empty).
-        own = self._tensor([-(-p // bs) * bs for p in shared_tokens]).unsqueeze(1)
-        mask = (cols < prefix) | ((cols >= own) & (cols < own + self._tensor(lengths).unsqueeze(1)))
-        return mask.view(len(lengths), 1, 1, width)
+        own = [-(-p // bs) * bs for p in shared_tokens]
+        as_int = lambda values: torch.tensor(values, dtype=torch.int32, device=self.device)  # noqa: E731
+        return DecodeVisibility(as_int(shared_tokens), as_int(own), as_int(lengths))
 
     def _segments(self, seqs: list[Sequence], token_slots: list[int]) -> AdapterSegments:
         bounds, seg_slots = [0], []

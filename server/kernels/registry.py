@@ -1,7 +1,7 @@
 """Chooses the kernel backend: once per device type, in this one place.
 
 CPU takes the grouped torch path, CUDA the Triton kernels (the grouped torch path where triton cannot be
-imported). `configure(name)` (start-up, e.g. a future --kernels flag) or DELTASERVE_KERNELS overrides the choice
+imported). `configure(name)` (start-up: --kernels) or DELTASERVE_KERNELS overrides the choice
 for every device: torch_ref, torch_grouped or triton.
 """
 
@@ -55,7 +55,8 @@ def configure(name: str | None) -> None:
 
 def backend_name(device: torch.device | str) -> str:
     """The backend a device gets: the override, else its device type's."""
-    name = _override or os.environ.get(ENV) or BY_DEVICE.get(torch.device(device).type, DEFAULT)
+    env = os.environ.get(ENV, "auto")
+    name = _override or (env if env != "auto" else None) or BY_DEVICE.get(torch.device(device).type, DEFAULT)
     if name not in FACTORIES:
         raise ValueError(f"unknown kernel backend {name!r} in {ENV}; one of {', '.join(FACTORIES)}")
     return name

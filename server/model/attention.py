@@ -7,17 +7,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from server.kernels.interface import KernelBackend
+from server.kernels.registry import select_backend
 from server.model.batch import BatchDescriptor
 
 
 @dataclass
 class KVLayer:
-    """One layer's view of the cache, with the shared decode gather workspace."""
+    """One layer's view of the cache, with the shared decode gather workspace and the device's kernels."""
 
     k: torch.Tensor         # [num_blocks * block_size, kv_heads, head_dim]
     v: torch.Tensor
     gather_k: torch.Tensor  # [max_batch * max_blocks, block_size * kv_heads * head_dim]
     gather_v: torch.Tensor
+    kernels: KernelBackend  # decode attention over the blocks (server/kernels: chosen once, by device)
 
 
 class PagedKVCache:
@@ -42,6 +45,7 @@ class PagedKVCache:
         shape = (max_batch * max_blocks, block_size * num_kv_heads * head_dim)
         self.gather_k = torch.empty(shape, dtype=dtype, device=device)
         self.gather_v = torch.empty(shape, dtype=dtype, device=device)
+        self.kernels = select_backend(device)
 
     def write_blocks(self, blocks: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values [layers, T, kv_heads, head_dim] into the first T token slots of `blocks`, in order."""
@@ -53,7 +57,7 @@ class PagedKVCache:
         self.storage[:, 1, slots] = values.to(self.storage.dtype)
 
     def layer(self, index: int) -> KVLayer:
-        return KVLayer(self.storage[index, 0], self.storage[index, 1], self.gather_k, self.gather_v)
+        return KVLayer(self.storage[index, 0], self.storage[index, 1], self.gather_k, self.gather_v, self.kernels)
 
     @property
     def nbytes(self) -> int:
@@ -103,20 +107,7 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 
 def _decode(q: torch.Tensor, kv: KVLayer, batch: BatchDescriptor, scale: float) -> torch.Tensor:
-    num_seqs, num_heads, head_dim = q.shape
-    kv_heads = kv.k.shape[1]
-    tables = batch.decode_block_tables                     # [B, max_blocks]
-    max_len = tables.shape[1] * batch.block_size
-    flat = tables.reshape(-1)                              # [B * max_blocks]
-    row = batch.block_size * kv_heads * head_dim
-    k = torch.index_select(kv.k.view(-1, row), 0, flat, out=kv.gather_k[:flat.shape[0]])
-    v = torch.index_select(kv.v.view(-1, row), 0, flat, out=kv.gather_v[:flat.shape[0]])
-    k = k.view(num_seqs, max_len, kv_heads, head_dim).transpose(1, 2)  # [B, kvh, L, hd]
-    v = v.view(num_seqs, max_len, kv_heads, head_dim).transpose(1, 2)
-    mask = batch.decode_mask
-    # Grouped-query attention without copying K/V: the query heads sharing a KV head become
-    # that head's query rows. Head h uses KV head h // group, as in Hugging Face's repeat_kv.
-    group = num_heads // kv_heads
-    qg = q.view(num_seqs, kv_heads, group, head_dim)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(num_seqs, num_heads, head_dim)
+    """q [B, H, hd] of the decode rows -> [B, H, hd], over each row's block table (its adapter's shared blocks,
+    then its own)."""
+    return kv.kernels.decode_attention(q, kv.k, kv.v, batch.decode_block_tables, batch.decode_visibility,
+                                       batch.block_size, scale, workspace=(kv.gather_k, kv.gather_v))

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from server.kernels.interface import DecodeVisibility
+
 
 @dataclass
 class AdapterSegments:
@@ -44,7 +46,7 @@ class BatchDescriptor:
     # Decode sequences contribute one row each and attend to their cached context.
     decode_rows: torch.Tensor          # [num_decode] row index of each decode sequence
     decode_block_tables: torch.Tensor  # [num_decode, max_blocks] KV block ids (padded with 0)
-    decode_mask: torch.Tensor          # [num_decode, 1, 1, max_blocks * block_size] True = attend
+    decode_visibility: DecodeVisibility  # which table positions each decode row attends to (shared blocks, own)
     block_size: int
     segments: AdapterSegments
     decode_is_all: bool = field(default=False)  # every row is a decode row (no gather needed)
