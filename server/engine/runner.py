@@ -111,8 +111,8 @@ class ModelRunner:
         """[rows, total]: the last `rows` of `total` tokens each see every token up to itself."""
         return torch.ones(rows, total, dtype=torch.bool, device=self.device).tril(total - rows)
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _tensor(self, values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
         width = max((len(t) for t in tables), default=0)
@@ -122,8 +122,7 @@ class ModelRunner:
         bs = self.block_size
         # A row's own tokens start after its shared blocks (whose last block may be part empty).
         own = [-(-p // bs) * bs for p in shared_tokens]
-        as_int = lambda values: torch.tensor(values, dtype=torch.int32, device=self.device)  # noqa: E731
-        return DecodeVisibility(as_int(shared_tokens), as_int(own), as_int(lengths))
+        return DecodeVisibility(*(self._tensor(v, torch.int32) for v in (shared_tokens, own, lengths)))
 
     def _segments(self, seqs: list[Sequence], token_slots: list[int]) -> AdapterSegments:
         bounds, seg_slots = [0], []
