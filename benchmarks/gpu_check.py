@@ -7,7 +7,8 @@ shape; benchmarks/gpu_check_models.py) and measures, on the device:
 - engine decode tokens/s at batch 32 vs Hugging Face `generate` on the same weights;
 - 32 distinct LoRA adapters, r=8 on q/v and r=16 on all seven linears, vs the base model;
 - all seven method kinds mixed in one batch vs base; PEFT's mixed batch (`adapter_names`, r=8 q/v) for scale;
-- achieved memory bandwidth: the bytes a decode step must read (weights, KV context, the batch's adapters) × steps/s.
+- achieved memory bandwidth: the bytes a decode step must read (weights, KV context, the batch's adapters) × steps/s;
+- captured decode steps (CUDA graphs) against eager ones: tokens/s, and whether the greedy tokens agree.
 
 Stock environment only: torch, triton, transformers, peft, safetensors, grpcio, protobuf, prometheus-client.
 
@@ -21,6 +22,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,9 @@ from benchmarks.method_fixtures import KINDS, write_method_adapter  # noqa: E402
 
 PLANS = {
     "full": dict(models=("smollm2-135m", "llama-1b"), batch=32, distinct=32, per_kind=5, prompt_len=32,
-                 new_tokens=64, kv_tokens=32768),
-    "dry": dict(models=("tiny",), batch=4, distinct=4, per_kind=1, prompt_len=8, new_tokens=6, kv_tokens=2048),
+                 new_tokens=64, kv_tokens=32768, rounds=2),
+    "dry": dict(models=("tiny",), batch=4, distinct=4, per_kind=1, prompt_len=8, new_tokens=6, kv_tokens=2048,
+                rounds=1),
 }
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12, "A10": 0.6e12}
 
@@ -94,16 +97,66 @@ def mixed(families: dict[str, list[str]], batch: int) -> list[str]:
 
 
 def engine_runs(stack: Any, texts: list[str], families: dict[str, list[str]], plan: dict) -> dict[str, float]:
-    """Decode tokens/s of the engine: base, 32 distinct LoRA of each shape, every kind mixed (best of two)."""
+    """Decode tokens/s of the engine: base, 32 distinct LoRA of each shape, every kind mixed (best of the plan's
+    rounds)."""
     engine, new = stack.engine, plan["new_tokens"]
     variants = {"base": None, "lora-r8-qv": families["lora-r8-qv"], "lora-r16-all": families["lora-r16-all"],
                 "all-kinds": mixed(families, plan["batch"])}
     best: dict[str, float] = {}
-    for _ in range(2):
+    for _ in range(plan["rounds"]):
         for key, names in variants.items():
             tok_s = decode_throughput(engine, requests_for(texts, new, key, names))
             best[key] = max(best.get(key, 0.0), tok_s)
     return best
+
+
+def greedy_tokens(engine: Any, requests: list[Any]) -> list[list[int]]:
+    """Every request's generated tokens (all submitted at once; [] for one that failed)."""
+    results: dict[int, Any] = {}
+    events = []
+    for index, request in enumerate(requests):
+        done = threading.Event()
+
+        def sink(out: Any, index: int = index, done: threading.Event = done) -> None:
+            if out.finished:
+                results[index] = out.result
+                done.set()
+
+        engine.submit(request, sink)
+        events.append(done)
+    for done in events:
+        done.wait()
+    return [list(results[i].token_ids) if results[i] is not None else [] for i in range(len(requests))]
+
+
+def graph_runs(stack: Any, texts: list[str], families: dict[str, list[str]], plan: dict,
+               captured_tok_s: dict[str, float]) -> dict[str, Any]:
+    """Captured decode steps against eager ones: tokens/s of base and every kind mixed (best of the plan's rounds),
+    and how many requests of every kind mixed get the same greedy tokens both ways."""
+    from server.engine.graphs import DecodeGraphs, EagerCapture
+
+    engine = stack.engine
+    runner = engine.runner
+    graphs = runner.graphs
+    if graphs is None and stack.deltas.methods["lora"].backend.captures:   # the dry run: no CUDA, same flow
+        graphs = DecodeGraphs(stack.loaded.model, runner.kv_cache, stack.deltas, plan["batch"], EagerCapture())
+        engine.call(lambda: setattr(runner, "graphs", graphs))
+    if graphs is None:
+        return {"skipped": "decode steps are captured on CUDA with the triton kernels only"}
+    names, new = mixed(families, plan["batch"]), plan["new_tokens"]
+    captured = greedy_tokens(engine, requests_for(texts, new, "graphs", names))
+    engine.call(lambda: setattr(runner, "graphs", None))
+    try:
+        eager_tokens = greedy_tokens(engine, requests_for(texts, new, "eager", names))
+        eager = {key: max(decode_throughput(engine, requests_for(texts, new, key, adapters))
+                          for _ in range(plan["rounds"]))
+                 for key, adapters in (("base", None), ("all-kinds", names))}
+    finally:
+        engine.call(lambda: setattr(runner, "graphs", graphs))
+    same = sum(a == b for a, b in zip(captured, eager_tokens, strict=True))
+    return {"captures": graphs.captures, "replays": graphs.replays, "eager_tok_s": eager,
+            "captured_over_eager": {key: captured_tok_s[key] / tok_s for key, tok_s in eager.items()},
+            "requests_with_equal_greedy_tokens": f"{same}/{len(names)}"}
 
 
 def hf_generate(model_dir: Path, texts: list[str], plan: dict, device: str, dtype: torch.dtype) -> float:
@@ -160,6 +213,7 @@ def measure_model(name: str, plan: dict, device: str, dtype: torch.dtype, work: 
     model_dir = build_model_dir(name, work / name / "model")
     adapters = work / name / "adapters"
     config = ServerConfig(model=str(model_dir), device=device, dtype=str(dtype).removeprefix("torch."),
+                          kernels=plan["kernels"],
                           adapters_dir=str(adapters), kv_cache_tokens=plan["kv_tokens"], max_lora_rank=16,
                           max_device_adapters=2 * plan["distinct"] + len(KINDS) * plan["per_kind"] + 1)
     loaded = load(config)
@@ -170,6 +224,7 @@ def measure_model(name: str, plan: dict, device: str, dtype: torch.dtype, work: 
     stack.engine.start()
     try:
         tok_s = engine_runs(stack, texts, families, plan)
+        result["cuda_graphs"] = guarded(graph_runs, stack, texts, families, plan, tok_s)
     finally:
         stack.engine.shutdown(0)
     lora_bytes = sum(stack.store.get(n).nbytes for n in families["lora-r16-all"]) * loaded.dtype.itemsize // 4
@@ -200,8 +255,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     from server.kernels import registry
 
-    registry.configure(args.kernels)
     plan = dict(PLANS["dry" if args.dry_run else "full"])
+    # The dry run takes the GPU's kernels (Triton, interpreted) so that it walks the GPU run's paths.
+    plan["kernels"] = args.kernels or ("triton" if args.dry_run else "auto")
+    registry.configure(None if plan["kernels"] == "auto" else plan["kernels"])
     if args.models:
         plan["models"] = tuple(args.models.split(","))
     gpu = torch.cuda.is_available() and not args.dry_run

@@ -13,12 +13,14 @@ from server.deltas.base import DeltaLimits
 from server.deltas.deltaset import DeltaSet
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine, EngineLimits
+from server.engine.graphs import CudaGraphCapture, DecodeGraphs
 from server.engine.prompts import PromptEncoder
 from server.engine.residency import AdapterSlots, SharedKV
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.engine.threads import single_threaded
 from server.kernels.registry import configure as configure_kernels
+from server.kernels.registry import select_backend
 from server.model.attention import PagedKVCache
 from server.model.loader import LoadedModel, load_model
 
@@ -62,12 +64,21 @@ def build_stack(loaded: LoadedModel, config: ServerConfig, store_listener: Store
     slots = adapters.slots
     scheduler = Scheduler(blocks, config.max_batch_size, config.max_batched_tokens, adapters=slots,
                           max_prefill_chunk=config.prefill_chunk(loaded.device.type))
-    runner = ModelRunner(loaded.model, kv_cache, loaded.device, deltas)
+    runner = ModelRunner(loaded.model, kv_cache, loaded.device, deltas, decode_graphs(loaded, config, kv_cache, deltas))
     limits = EngineLimits(max_model_len=max_model_len, default_max_new_tokens=config.default_max_new_tokens,
                           max_waiting=config.max_waiting)
     engine = Engine(runner, PromptEncoder(loaded.tokenizer), blocks, scheduler, limits, loaded.eos_token_ids,
                     slots, threads=config.threads)
     return ServingStack(loaded, engine, adapters.registry, deltas, slots, adapters)
+
+
+def decode_graphs(loaded: LoadedModel, config: ServerConfig, kv_cache: PagedKVCache,
+                  deltas: DeltaSet) -> DecodeGraphs | None:
+    """Captured decode steps where the device has CUDA graphs and the kernels can be captured; else None."""
+    if not config.cuda_graphs or loaded.device.type != "cuda" or not select_backend(loaded.device).captures:
+        return None
+    log.info("decode steps of up to %d rows run as CUDA graphs", config.max_batch_size)
+    return DecodeGraphs(loaded.model, kv_cache, deltas, config.max_batch_size, CudaGraphCapture(loaded.device))
 
 
 def build_engine(loaded: LoadedModel, config: ServerConfig) -> Engine:

@@ -41,6 +41,9 @@ class ServerConfig:
         "kernel backend for the LoRA, bottleneck and decode-attention hot paths (auto = triton on cuda, "
         "torch_grouped on cpu; torch_ref is the plain reference)",
         choices=("auto", "torch_ref", "torch_grouped", "triton")))
+    cuda_graphs: bool = field(default=True, metadata=_opt(
+        "capture decode steps as CUDA graphs, one per batch-size bucket up to --max-batch-size, and replay them "
+        "(CUDA with the triton kernels; ignored elsewhere)"))
     host: str = field(default="0.0.0.0", metadata=_opt("address to listen on"))
     port: int = field(default=50051, metadata=_opt("gRPC port (0 picks a free one)"))
     adapters_dir: str = field(default="", metadata=_opt(

@@ -31,3 +31,9 @@ def test_dry_run_writes_every_figure(tmp_path):
     figures = [*tiny["engine_tok_s"].values(), tiny["hf_generate_tok_s"], tiny["peft_mixed_r8_qv_tok_s"]]
     assert all(isinstance(v, float) and math.isfinite(v) for v in figures)
     assert tiny["bandwidth"]["lora-r16-all"]["bytes_per_step"] > tiny["bandwidth"]["base"]["bytes_per_step"]
+    # The dry run takes the GPU's kernels, interpreted, and replays its decode steps as the GPU run captures them.
+    assert tiny["backend"] == "triton"
+    graphs = tiny["cuda_graphs"]
+    assert graphs["captures"] >= 1 and graphs["replays"] >= 1, graphs
+    assert graphs["requests_with_equal_greedy_tokens"] == "4/4"   # fp32, interpreted: one arithmetic both ways
+    assert all(isinstance(v, float) and math.isfinite(v) for v in graphs["eager_tok_s"].values())

@@ -71,7 +71,17 @@ class DeltaMethod(ABC):
 
     @abstractmethod
     def prepare(self, batch: BatchDescriptor) -> None:
-        """Per-step metadata for this method, stored in batch.method_state[self.name]."""
+        """Per-step metadata for this method, stored in batch.method_state[self.name]. On a captured decode step
+        (batch.row_slots set) it may only run device operations on the batch's tensors: it runs once, at capture."""
+
+    def launch_key(self) -> tuple:
+        """Whatever decides which kernels a step launches and their grids (sites, rank bounds): a captured decode
+        step is captured again when it changes; placements that leave it alone need no new capture."""
+        return ()
+
+    def capturable(self, slot: int) -> bool:
+        """Whether the slot's part applies through device tensors alone (a captured decode step may carry it)."""
+        return True
 
 
 def adapter_segments(batch: BatchDescriptor, has_part: list[bool]) -> list[tuple[int, int, int]]:

@@ -45,6 +45,9 @@ class BottleneckSite:
         self.ranks = self.stacks.ranks   # slot -> rank here; 0: no single module here
         self.inputs = [BOTTLENECK_INPUTS[0]] * slots
         self.activations = [ACTIVATIONS[0]] * slots
+        # [2, slots] int32: each slot's input and activation as indices into BOTTLENECK_INPUTS and ACTIVATIONS,
+        # written at placement (kernels that read them on the device)
+        self.codes = torch.zeros(2, slots, dtype=torch.int32, device=device)
         self.multi: dict[int, list[BottleneckModule]] = {}
         self.kernel: BottleneckKernel = backend.bottleneck_kernel(self, planner)
 
@@ -64,6 +67,7 @@ class BottleneckSite:
         if m.up_bias is not None:
             self.up_bias[slot].copy_(m.up_bias.float() * m.scale)
         self.inputs[slot], self.activations[slot] = m.input, m.activation
+        self.codes[:, slot] = torch.tensor([BOTTLENECK_INPUTS.index(m.input), ACTIVATIONS.index(m.activation)])
         self.stacks.placed(slot, r)
 
     def hold(self, slot: int, modules: list[BottleneckModule]) -> None:
@@ -97,6 +101,7 @@ class BottleneckMethod(GroupedMethod):
         self.layers = model.model.layers
         self.hidden = model.shape.hidden_size
         self.sites: dict[tuple[int, str], BottleneckSite] = {}
+        self.multi_slots: set[int] = set()   # slots with several modules at one place (the reference loop)
         param = model.lm_head.weight
         self.dtype, self.device = param.dtype, param.device
 
@@ -128,7 +133,15 @@ class BottleneckMethod(GroupedMethod):
                 site.write(slot, modules[0])
             else:
                 site.hold(slot, [self._on_device(m) for m in modules])
+                self.multi_slots.add(slot)
         self.slot_has[slot] = bool(by_site)
+
+    def clear(self, slot: int) -> None:
+        super().clear(slot)
+        self.multi_slots.discard(slot)
+
+    def capturable(self, slot: int) -> bool:
+        return slot not in self.multi_slots
 
     def _on_device(self, m: BottleneckModule) -> BottleneckModule:
         def move(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -19,6 +19,8 @@ class DeltaSet:
         self.limits = limits
         self.methods: dict[str, DeltaMethod] = {name: cls(model, limits) for name, cls in METHODS.items()}
         self._used: set[str] = set()
+        self._changes = 0                              # placements and clears so far
+        self._key: tuple[int, tuple] = (-1, ())        # the launch key as of a count of changes
 
     def check(self, parts: dict[str, Any]) -> None:
         for name, part in parts.items():
@@ -30,6 +32,7 @@ class DeltaSet:
         """Places every part in the slot; returns what the slot's requests need from the engine, all parts
         together (offsets add up; shared keys/values are joined in part order)."""
         self.check(parts)
+        self._changes += 1
         placements = []
         for name, part in parts.items():
             placement = self.methods[name].place(slot, part)
@@ -39,14 +42,24 @@ class DeltaSet:
         return combine(placements)
 
     def clear(self, slot: int, parts: dict[str, Any]) -> None:
+        self._changes += 1
         for name in parts:
             self.methods[name].clear(slot)
 
     def prepare(self, batch: BatchDescriptor) -> None:
-        if not batch.segments.has_adapters:
+        if not batch.segments.has_adapters and batch.row_slots is None:
             return
-        for name in self._used:
+        for name in sorted(self._used):
             self.methods[name].prepare(batch)
+
+    def launch_key(self) -> tuple:
+        """Changes exactly when a captured decode step must be captured again (see DeltaMethod.launch_key)."""
+        if self._key[0] != self._changes:
+            self._key = (self._changes, tuple((name, self.methods[name].launch_key()) for name in sorted(self._used)))
+        return self._key[1]
+
+    def capturable(self, slots: set[int]) -> bool:
+        return all(method.capturable(slot) for method in self.methods.values() for slot in slots if slot >= 0)
 
 
 def combine(placements: list[Placement]) -> Placement:

@@ -124,6 +124,9 @@ class GroupPlanner:
         self._last = (key, step)
         return step
 
+    def plan_rows(self, row_slots: torch.Tensor) -> SegmentGroups:
+        raise NotImplementedError("the grouped torch kernels plan on the host: no captured decode steps")
+
     def subset(self, step: SegmentGroups, members: tuple[int, ...]) -> SegmentGroups:
         """The plan for a site where only the adapters of the groups at `members` (indices into step.groups)
         act: the others would only multiply zeros. When their slots are dense, the groups are laid out over
@@ -185,23 +188,23 @@ class RankedStacks:
         self.ranks = [0] * stacks[0].shape[0]    # 0: nothing of the slot's adapter here
         self.zeroed = [0] * stacks[0].shape[0]   # rows known to hold the slot's weights or zeros
         self.version = 0                          # bumped by every placement and erasure
-        self._device_ranks: tuple[int, torch.Tensor] | None = None
+        # [slots] int32 on the stacks' device, written at each placement (never reallocated: a captured decode
+        # step reads it where it was at capture)
+        self.device_ranks = torch.zeros(len(self.ranks), dtype=torch.int32, device=stacks[0].device)
+        # The largest rank ever placed here, rounded up to a power of two (at least 16): kernels size their grids
+        # by it, so it changes (and a captured step is captured again) only when a rank outgrows it.
+        self.bound = 0
 
     def placed(self, slot: int, rank: int) -> None:
         self.ranks[slot] = self.zeroed[slot] = rank
+        self.device_ranks[slot] = rank
+        self.bound = max(self.bound, 16, 1 << max(0, rank - 1).bit_length())
         self.version += 1
 
     def erase(self, slot: int) -> None:
         self.ranks[slot] = 0
+        self.device_ranks[slot] = 0
         self.version += 1
-
-    def device_ranks(self) -> torch.Tensor:
-        """[slots] int32 ranks on the stacks' device (kernels that read each slot's rank there); rebuilt only
-        after a placement or erasure."""
-        if self._device_ranks is None or self._device_ranks[0] != self.version:
-            ranks = torch.tensor(self.ranks, dtype=torch.int32, device=self.stacks[0].device)
-            self._device_ranks = (self.version, ranks)
-        return self._device_ranks[1]
 
     def gather(self, step: SegmentGroups, planner: GroupPlanner) -> tuple[SegmentGroups, list[torch.Tensor]] | None:
         """The step's groups with something here, and each stack's rows for them ([G, r, ...], r the largest
@@ -246,7 +249,14 @@ class GroupedMethod(DeltaMethod):
         self.slot_has[slot] = False
         self.version += 1
 
+    def launch_key(self) -> tuple:
+        return tuple(sorted((str(key), site.stacks.bound) for key, site in self.sites.items()))
+
     def prepare(self, batch: BatchDescriptor) -> None:
+        if batch.row_slots is not None:
+            if self.sites:
+                batch.method_state[self.name] = self.planner.plan_rows(batch.row_slots)
+            return
         segments = [s for s in adapter_segments(batch, self.slot_has) if s[1] > s[0]]
         if segments:
             batch.method_state[self.name] = self.planner.plan(batch, segments, self.version)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from server.deltas.deltaset import DeltaSet
+from server.engine.graphs import DecodeGraphs
 from server.engine.request import Sequence
+from server.engine.rows import StepRows, own_starts
 from server.engine.scheduler import ScheduledStep
 from server.kernels.interface import DecodeVisibility
 from server.model.attention import PagedKVCache
@@ -15,41 +15,29 @@ from server.model.batch import AdapterSegments, BatchDescriptor
 from server.model.llama import CausalLM
 
 
-@dataclass
-class _Rows:
-    """The flat rows of one step as they are laid out, before they become tensors."""
-
-    ids: list[int] = field(default_factory=list)             # [num_tokens]
-    positions: list[int] = field(default_factory=list)       # [num_tokens]
-    slots: list[int] = field(default_factory=list)           # [num_tokens] flat KV slot
-    token_slots: list[int] = field(default_factory=list)     # [num_tokens] adapter slot
-    logits_rows: list[int] = field(default_factory=list)     # [num_sampling]
-    prefill_ranges: list[tuple[int, int]] = field(default_factory=list)   # [num_prefill] (first row, rows)
-    context_slots: list[list[int]] = field(default_factory=list)          # [num_prefill] each [context + rows]
-    decode_rows: list[int] = field(default_factory=list)     # [num_decode]
-    tables: list[list[int]] = field(default_factory=list)    # [num_decode] block tables
-    lengths: list[int] = field(default_factory=list)         # [num_decode] tokens cached after this step
-    shared_tokens: list[int] = field(default_factory=list)   # [num_decode] tokens of shared blocks in front
-
-
 class ModelRunner:
     """Owns the frozen model and its KV cache; one `run` per engine step."""
 
     def __init__(self, model: CausalLM, kv_cache: PagedKVCache, device: torch.device,
-                 deltas: DeltaSet | None = None) -> None:
+                 deltas: DeltaSet | None = None, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.deltas = deltas
+        self.graphs = graphs   # captured decode steps (CUDA graphs), or None: every step runs eagerly
         self.block_size = kv_cache.block_size
 
     def run(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor]:
         """Returns the step's sequences that sample a token (those whose tokens this step reach their end), in
-        batch order, and their next-token logits [num_sampling, vocab]."""
-        seqs, batch = self.prepare(step)
-        if self.deltas is not None:
-            self.deltas.prepare(batch)
-        logits = self.model(batch, self.kv_cache)
+        batch order, and their next-token logits [num_sampling, vocab] (valid until the next step)."""
+        seqs, rows = self.lay_out(step)
+        if self.graphs is not None and rows.decode_only and self.graphs.fits(rows):
+            logits = self.graphs.run(rows)
+        else:
+            batch = self.describe(seqs, rows)
+            if self.deltas is not None:
+                self.deltas.prepare(batch)
+            logits = self.model(batch, self.kv_cache)
         sampling = []
         for seq in seqs:
             seq.num_cached += step.num_tokens(seq)
@@ -58,13 +46,20 @@ class ModelRunner:
         return sampling, logits
 
     def prepare(self, step: ScheduledStep) -> tuple[list[Sequence], BatchDescriptor]:
+        """The step's sequences in batch order and its (eager) batch descriptor."""
+        seqs, rows = self.lay_out(step)
+        return seqs, self.describe(seqs, rows)
+
+    def lay_out(self, step: ScheduledStep) -> tuple[list[Sequence], StepRows]:
         # Sorting by adapter slot makes each adapter's rows one contiguous segment.
         seqs = sorted(step.sequences, key=lambda s: s.adapter_slot)
-        rows = _Rows()
+        rows = StepRows()
         for seq in seqs:
             self._add(rows, seq, step.num_tokens(seq))
-        bs = self.block_size
-        batch = BatchDescriptor(
+        return seqs, rows
+
+    def describe(self, seqs: list[Sequence], rows: StepRows) -> BatchDescriptor:
+        return BatchDescriptor(
             input_ids=self._tensor(rows.ids),
             positions=self._tensor(rows.positions),
             slot_mapping=self._tensor(rows.slots),
@@ -73,16 +68,15 @@ class ModelRunner:
             decode_rows=self._tensor(rows.decode_rows),
             decode_block_tables=self._block_tables(rows.tables),
             decode_visibility=self._visibility(rows.lengths, rows.shared_tokens),
-            block_size=bs,
+            block_size=self.block_size,
             segments=self._segments(seqs, rows.token_slots),
-            decode_is_all=not rows.prefill_ranges,
+            decode_is_all=rows.decode_only,
             prefill_context=[self._tensor(c) if c else None for c in rows.context_slots],
             prefill_masks=[self._causal_after(len(c), n) if c else None
                            for c, (_, n) in zip(rows.context_slots, rows.prefill_ranges, strict=True)],
         )
-        return seqs, batch
 
-    def _add(self, rows: _Rows, seq: Sequence, count: int) -> None:
+    def _add(self, rows: StepRows, seq: Sequence, count: int) -> None:
         """Appends the rows of `seq`'s next `count` tokens (positions num_cached onwards)."""
         start, first = len(rows.ids), seq.num_cached
         total = first + count
@@ -119,9 +113,7 @@ class ModelRunner:
         return self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
 
     def _visibility(self, lengths: list[int], shared_tokens: list[int]) -> DecodeVisibility:
-        bs = self.block_size
-        # A row's own tokens start after its shared blocks (whose last block may be part empty).
-        own = [-(-p // bs) * bs for p in shared_tokens]
+        own = own_starts(shared_tokens, self.block_size)
         return DecodeVisibility(*(self._tensor(v, torch.int32) for v in (shared_tokens, own, lengths)))
 
     def _segments(self, seqs: list[Sequence], token_slots: list[int]) -> AdapterSegments:

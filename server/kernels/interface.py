@@ -28,6 +28,11 @@ class SegmentPlanner(Protocol):
     def plan(self, batch: BatchDescriptor, segments: list[Segment], version: int) -> Any:
         """`segments`: the batch's non-empty segments this method applies; `version`: bumped by every place/clear."""
 
+    def plan_rows(self, row_slots: torch.Tensor) -> Any:
+        """A captured decode step's plan: every row its own segment, its slot read from row_slots [B] int32 (-1 =
+        base) on the device, so that the plan's tensors follow the rows without any host work (backends whose
+        `captures` is True)."""
+
 
 class LoraWeights(Protocol):
     """One linear's LoRA stacks: a [slots, R, in], bt [slots, R, out] (scale folded in), ranks per slot."""
@@ -38,7 +43,8 @@ class LoraWeights(Protocol):
 
 
 class BottleneckWeights(Protocol):
-    """One sub-block's bottleneck stacks; `inputs`/`activations`: each slot's input name and activation."""
+    """One sub-block's bottleneck stacks; `inputs`/`activations`: each slot's input name and activation, `codes`
+    the same on the device ([2, slots] int32: index into BOTTLENECK_INPUTS, into ACTIVATIONS)."""
 
     down: torch.Tensor        # [slots, R, d]
     down_bias: torch.Tensor   # [slots, R]
@@ -47,6 +53,7 @@ class BottleneckWeights(Protocol):
     stacks: RankedStacks
     inputs: list[str]
     activations: list[str]
+    codes: torch.Tensor
 
 
 class LoraKernel(Protocol):
@@ -85,6 +92,9 @@ class KernelBackend(ABC):
     """One implementation of the hot operations (torch_ref, torch_grouped, triton)."""
 
     name: ClassVar[str]
+    # Its kernels read every per-step value from device tensors and launch a grid fixed by the shapes, so a decode
+    # step can be captured once (a CUDA graph) and replayed for other rows and adapters (needs `plan_rows`).
+    captures: ClassVar[bool] = False
 
     @abstractmethod
     def planner(self, device: torch.device) -> SegmentPlanner:

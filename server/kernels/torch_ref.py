@@ -32,6 +32,9 @@ class ListPlanner:
     def plan(self, batch: BatchDescriptor, segments: list[Segment], version: int) -> SegmentList:
         return SegmentList(list(segments))
 
+    def plan_rows(self, row_slots: torch.Tensor) -> SegmentList:
+        raise NotImplementedError("the torch_ref kernels loop over host segments: no captured decode steps")
+
 
 def lora_segments_reference(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
                             ranks: list[int], segments: list[Segment]) -> None:

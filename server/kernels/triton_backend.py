@@ -7,7 +7,7 @@ import torch
 
 from server.kernels.interface import BottleneckWeights, DecodeVisibility, KernelBackend, LoraWeights, Segment
 from server.kernels.triton_attention import paged_decode_attention
-from server.kernels.triton_bottleneck import ACTIVATION_CODES, INPUT_CODES, bottleneck_fused
+from server.kernels.triton_bottleneck import bottleneck_fused
 from server.kernels.triton_common import SegmentTable
 from server.kernels.triton_lora import lora_expand, lora_shrink
 from server.model.batch import BatchDescriptor
@@ -26,19 +26,8 @@ class TablePlanner:
             self._last = (key, SegmentTable.build(segments, self.device))
         return self._last[1]
 
-
-class _RankBound:
-    """The largest rank placed at a site (the grid's rank bound), recomputed only after a placement."""
-
-    def __init__(self, weights: LoraWeights | BottleneckWeights) -> None:
-        self.w = weights
-        self._cached = (-1, 0)
-
-    def __call__(self) -> int:
-        stacks = self.w.stacks
-        if self._cached[0] != stacks.version:
-            self._cached = (stacks.version, max(stacks.ranks))
-        return self._cached[1]
+    def plan_rows(self, row_slots: torch.Tensor) -> SegmentTable:
+        return SegmentTable.rows(row_slots)
 
 
 class TritonLoraKernel:
@@ -46,14 +35,13 @@ class TritonLoraKernel:
 
     def __init__(self, weights: LoraWeights) -> None:
         self.w = weights
-        self.rank_bound = _RankBound(weights)
 
     def __call__(self, step: SegmentTable, x: torch.Tensor, y: torch.Tensor) -> None:
-        bound = self.rank_bound()
+        bound = self.w.stacks.bound   # the grid's rank bound: fixed while ranks stay within it (capturable)
         if not bound or not step.num:
             return
         x = x if x.stride(1) == 1 else x.contiguous()
-        ranks = self.w.stacks.device_ranks()
+        ranks = self.w.stacks.device_ranks
         h = torch.empty(x.shape[0], bound, dtype=torch.float32, device=x.device)   # [N, r]
         lora_shrink(x, self.w.a, ranks, step, h, bound)
         lora_expand(h, self.w.bt, ranks, step, y, bound)
@@ -64,34 +52,21 @@ class TritonBottleneckKernel:
 
     def __init__(self, weights: BottleneckWeights) -> None:
         self.w = weights
-        self.rank_bound = _RankBound(weights)
-        self._codes: tuple[int, torch.Tensor, torch.Tensor] | None = None
-
-    def codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[slots] int32 input and activation codes on the device, rebuilt only after a placement."""
-        stacks = self.w.stacks
-        if self._codes is None or self._codes[0] != stacks.version:
-            device = self.w.down.device
-            inputs = torch.tensor([INPUT_CODES.index(n) for n in self.w.inputs], dtype=torch.int32, device=device)
-            acts = torch.tensor([ACTIVATION_CODES.index(n) for n in self.w.activations], dtype=torch.int32,
-                                device=device)
-            self._codes = (stacks.version, inputs, acts)
-        return self._codes[1], self._codes[2]
 
     def __call__(self, step: SegmentTable, inputs: dict[str, torch.Tensor], block_out: torch.Tensor) -> None:
-        bound = self.rank_bound()
+        w = self.w
+        bound = w.stacks.bound
         if not bound or not step.num:
             return
-        w = self.w
-        input_codes, act_codes = self.codes()
         bottleneck_fused(inputs["sublayer_input"], inputs["sublayer_output"], block_out, w.down, w.down_bias,
-                         w.up_t, w.up_bias, w.stacks.device_ranks(), input_codes, act_codes, step, bound)
+                         w.up_t, w.up_bias, w.stacks.device_ranks, w.codes[0], w.codes[1], step, bound)
 
 
 class TritonBackend(KernelBackend):
     """The CUDA backend."""
 
     name = "triton"
+    captures = True
 
     def planner(self, device: torch.device) -> TablePlanner:
         return TablePlanner(device)

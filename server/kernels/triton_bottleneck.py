@@ -15,9 +15,10 @@ import triton.language as tl
 from adapters_store.types import ACTIVATIONS, BOTTLENECK_INPUTS
 from server.kernels.triton_common import INTERPRET, Launcher, SegmentTable, dot_precision, next_pow2
 
-# The kernel's activation codes, in this order (checked against the store's list at import).
+# The kernel's activation codes, in this order: the store's order, since sites write indices into ACTIVATIONS
+# (checked at import).
 ACTIVATION_CODES = ("relu", "gelu", "gelu_new", "silu", "tanh", "sigmoid", "identity")
-if set(ACTIVATION_CODES) != set(ACTIVATIONS):
+if ACTIVATION_CODES != tuple(ACTIVATIONS):
     raise ImportError(f"the Triton bottleneck kernel knows {ACTIVATION_CODES}, the store {ACTIVATIONS}")
 INPUT_CODES = tuple(BOTTLENECK_INPUTS)   # sublayer_input, sublayer_output, block_output
 

@@ -39,10 +39,11 @@ class SegmentTable:
     lengths: torch.Tensor   # [S] int32 rows
     slots: torch.Tensor     # [S] int32 adapter slot
     max_len: int            # longest segment (the grid's row blocks)
+    count: int = -1         # S when `segments` is not listed on the host (a captured step's rows)
 
     @property
     def num(self) -> int:
-        return len(self.segments)
+        return len(self.segments) if self.count < 0 else self.count
 
     @classmethod
     def build(cls, segments: Sequence[Segment], device: torch.device | str) -> SegmentTable:
@@ -50,6 +51,16 @@ class SegmentTable:
         rows = rows.to(device)
         return cls(list(segments), rows[:, 0].contiguous(), rows[:, 1].contiguous(), rows[:, 2].contiguous(),
                    max((e - s for s, e, _ in segments), default=0))
+
+
+    @classmethod
+    def rows(cls, row_slots: torch.Tensor) -> SegmentTable:
+        """Every row its own segment (a captured decode step): slots from row_slots [B] int32 (-1 = base, an
+        empty segment). Device operations only, no host copy: captured once, they follow the rows at replay."""
+        count = row_slots.shape[0]
+        starts = torch.arange(count, dtype=torch.int32, device=row_slots.device)
+        lengths = (row_slots >= 0).to(torch.int32)
+        return cls([], starts, lengths, row_slots.clamp(min=0), max_len=1, count=count)
 
 
 class Launcher:

@@ -26,8 +26,9 @@ class KVLayer:
 class PagedKVCache:
     """Preallocated keys and values for every layer, addressed by block.
 
-    Storage is [layers, 2, num_blocks * block_size, kv_heads, head_dim]; a token's flat slot is
-    block_id * block_size + offset. Allocated once at start-up, never resized.
+    Storage is [layers, 2, (num_blocks + 1) * block_size, kv_heads, head_dim]; a token's flat slot is
+    block_id * block_size + offset. Allocated once at start-up, never resized. The last block is no sequence's:
+    the padding rows of a captured decode step write and read there (`scratch_block`).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -37,11 +38,12 @@ class PagedKVCache:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         # Zeroed, so every page is resident from the start: no page faults on the hot path.
-        self.storage = torch.zeros(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim,
+        self.scratch_block = num_blocks
+        self.storage = torch.zeros(num_layers, 2, (num_blocks + 1) * block_size, num_kv_heads, head_dim,
                                    dtype=dtype, device=device)
         # Decode gathers each sequence's blocks here instead of into fresh allocations every layer; `max_len` counts
         # every token a sequence's block table reaches (shared blocks in front included).
-        max_blocks = -(-max_len // block_size)
+        self.max_blocks = max_blocks = -(-max_len // block_size)   # the longest block table
         shape = (max_batch * max_blocks, block_size * num_kv_heads * head_dim)
         self.gather_k = torch.empty(shape, dtype=dtype, device=device)
         self.gather_v = torch.empty(shape, dtype=dtype, device=device)

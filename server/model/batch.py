@@ -59,6 +59,9 @@ class BatchDescriptor:
     # [num_prefill] each None or [rows, context + rows] True = attend: causal after the context (built once a step,
     # not once a layer).
     prefill_masks: list[torch.Tensor | None] = field(default_factory=list)
+    # [num_tokens] int32 adapter slot of every row (-1 = base), set only on a captured decode step: the delta
+    # methods plan every row as its own segment from it on the device (server/engine/graphs.py).
+    row_slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
