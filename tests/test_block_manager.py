@@ -111,3 +111,25 @@ def test_caching_off_shares_nothing():
     blocks.allocate(second)
     assert second.num_cached == 0 and not set(first.block_table) & set(second.block_table)
     assert blocks.queried_tokens == 0
+
+
+def test_admission_counts_the_blocks_a_prompt_shares_with_running_sequences():
+    """A prompt whose leading blocks another sequence holds needs only the rest: admitted when only those fit.
+    Cached blocks nobody holds count in num_free already, so taking them costs as much as fresh ones."""
+    blocks = BlockManager(num_blocks=6, block_size=BS)
+    running = _seq(list(range(17)))        # 5 blocks: 4 full and shared, 1 partial
+    blocks.allocate(running)
+    _computed(blocks, running)
+    assert blocks.num_free == 1
+    follower = _seq(list(range(16)) + [50])   # the same 4 full blocks, then its own
+    alone = _seq(list(range(100, 117)))        # nothing cached: 5 blocks, 1 free
+    assert blocks.can_allocate(follower) and not blocks.can_allocate(alone)
+    blocks.allocate(follower)
+    assert follower.block_table[:4] == running.block_table[:4] and blocks.num_free == 0
+    blocks.free(running)
+    blocks.free(follower)
+    assert blocks.num_free == 6   # 4 shared blocks (cached), 2 partial ones (free)
+    again = _seq(list(range(16)) + [7])
+    assert blocks.can_allocate(again)
+    blocks.allocate(again)
+    assert again.num_cached == 16 and blocks.num_free == 1

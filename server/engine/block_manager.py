@@ -57,37 +57,53 @@ class BlockManager:
         return max(0, self.blocks_for(len(seq)) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence) -> bool:
-        # As if nothing were cached: hits only lower what is taken.
-        return self._missing(seq) <= self.num_free
+        return self._needed(seq, self._reusable(seq)) <= self.num_free
 
     def allocate(self, seq: Sequence) -> None:
         """Gives `seq` blocks for all its tokens; a sequence with none yet first takes its cached leading blocks
         (num_cached moves past them), always leaving at least its last token to compute (its logits)."""
-        missing = self._missing(seq)
-        if missing > self.num_free:
-            raise RuntimeError(f"{seq.request_id}: {missing} KV blocks needed, {self.num_free} free")
-        if self.caching and not seq.block_table:
-            self._take_cached(seq)
+        reusable = self._reusable(seq)
+        needed = self._needed(seq, reusable)
+        if needed > self.num_free:
+            raise RuntimeError(f"{seq.request_id}: {needed} KV blocks needed, {self.num_free} free")
+        if reusable is not None:
+            self._take_cached(seq, reusable)
         seq.block_table.extend(self._take() for _ in range(self._missing(seq)))
 
     # Decode needs at most one new block per step: the same check, named for the caller's intent.
     can_append = can_allocate
     append = allocate
 
-    def _take_cached(self, seq: Sequence) -> None:
+    def _reusable(self, seq: Sequence) -> list[tuple[int, bytes]] | None:
+        """The cached blocks (and their hashes) holding `seq`'s leading full blocks, never its last token; None
+        when it takes none (caching off, or blocks already its own)."""
+        if not self.caching or seq.block_table:
+            return None
         tokens, bs, key = seq.all_ids, self.block_size, seq.binding.cache_key
+        found: list[tuple[int, bytes]] = []
         parent = b""
-        self.queried_tokens += len(tokens)
         for index in range((len(tokens) - 1) // bs):
             digest = block_hash(parent, key, tokens[index * bs:(index + 1) * bs])
             block = self._by_hash.get(digest)
             if block is None:
                 break
+            found.append((block, digest))
+            parent = digest
+        return found
+
+    def _needed(self, seq: Sequence, reusable: list[tuple[int, bytes]] | None) -> int:
+        """Blocks of num_free that allocating `seq` uses up: a cached block nobody references leaves the pool it
+        counts in, one in use by another sequence costs nothing."""
+        shared = sum(1 for block, _ in reusable or () if self._refs[block])
+        return self._missing(seq) - shared
+
+    def _take_cached(self, seq: Sequence, reusable: list[tuple[int, bytes]]) -> None:
+        self.queried_tokens += len(seq)
+        for block, digest in reusable:
             self._ref(block)
             seq.block_table.append(block)
             seq.block_hashes.append(digest)
-            parent = digest
-        seq.num_cached = len(seq.block_table) * bs
+        seq.num_cached = len(seq.block_table) * self.block_size
         self.hit_tokens += seq.num_cached
 
     def register(self, seq: Sequence) -> None:

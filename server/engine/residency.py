@@ -53,8 +53,8 @@ class SharedKV:
         self.blocks = blocks
         self.cache = cache
 
-    def can_hold(self, placement: Placement) -> bool:
-        return self.blocks.can_pin(placement.shared_tokens)
+    def can_hold_tokens(self, num_tokens: int) -> bool:
+        return self.blocks.can_pin(num_tokens)
 
     def hold(self, placement: Placement) -> tuple[int, ...]:
         if placement.shared_keys is None or placement.shared_values is None:
@@ -101,6 +101,9 @@ class AdapterSlots:
         self._to_clear: list[int] = []                       # retired while idle: cleared on the engine thread
         self._placing: float | None = 0.0   # seconds spent placing this step; None: no limit this step
         self._direct: dict[int, list[AdapterLease]] = {}   # leases handed out by `acquire`, by slot
+        # shared tokens of versions whose keys/values found too few free blocks: not placed again (a copy, perhaps an
+        # eviction) until that many fit
+        self._blocked: dict[int, int] = {}
         registry.on_retire(self._retired)
 
     # ---- any thread ------------------------------------------------------------------------------------
@@ -213,15 +216,19 @@ class AdapterSlots:
             return Binding.NEEDS_FETCH, None
         if self._placing is not None and self._placing >= self.place_seconds_per_step:
             return Binding.STEP_BUDGET, None
+        if version.uid in self._blocked and not self.shared_kv.can_hold_tokens(self._blocked[version.uid]):
+            return Binding.NEEDS_BLOCKS, None
         slot = self._take_slot()
         if slot is None:
             return Binding.NEEDS_SLOT, None
         start = time.perf_counter()
         placement = self.deltas.place(slot, weights.parts)   # a copy, between two steps
-        if not self.shared_kv.can_hold(placement):
+        if not self.shared_kv.can_hold_tokens(placement.shared_tokens):
             self.deltas.clear(slot, weights.parts)
             self._free.append(slot)
+            self._blocked[version.uid] = placement.shared_tokens
             return Binding.NEEDS_BLOCKS, None
+        self._blocked.pop(version.uid, None)
         shared = self.shared_kv.hold(placement)
         if self._placing is not None:
             self._placing += time.perf_counter() - start
@@ -261,6 +268,7 @@ class AdapterSlots:
     def _retired(self, version: AdapterVersion) -> None:
         """Registry callback (any thread): an idle slot of a retired version is cleared at the next step."""
         with self._lock:
+            self._blocked.pop(version.uid, None)
             slot = self._slot_of.pop((version.name, version.version), None)
             if slot is not None and self._refs[slot] == 0 and slot in self._idle:
                 del self._idle[slot]
