@@ -4,6 +4,8 @@ It builds randomly initialised models from configs (the default model's shape, S
 shape; benchmarks/gpu_check_models.py) and measures, on the device:
 
 - kernels: each Triton kernel against the torch reference in fp32 and bf16 (worst error / derived bound, ≤ 1 passes);
+- model-level parity in the serving dtype: the engine's logits (prefill, then two decode steps) against PEFT's,
+  base and LoRA rows mixed (benchmarks/gpu_check_parity.py states the criterion);
 - engine decode tokens/s at batch 32 vs Hugging Face `generate` on the same weights;
 - 32 distinct LoRA adapters, r=8 on q/v and r=16 on all seven linears, vs the base model;
 - all seven method kinds mixed in one batch vs base; PEFT's mixed batch (`adapter_names`, r=8 q/v) for scale;
@@ -35,6 +37,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import decode_throughput, emit, generate_decode_throughput, requests_for  # noqa: E402
 from benchmarks.gpu_check_models import SHAPES, build_model_dir, prompts, weight_bytes  # noqa: E402
+from benchmarks.gpu_check_parity import parity  # noqa: E402
 from benchmarks.lora_fixtures import ALL_LINEARS, QV, write_peft_lora  # noqa: E402
 from benchmarks.method_fixtures import KINDS, write_method_adapter  # noqa: E402
 
@@ -221,6 +224,8 @@ def measure_model(name: str, plan: dict, device: str, dtype: torch.dtype, work: 
     stack = build_stack(loaded, config)
     texts = prompts(plan["batch"], plan["prompt_len"], SHAPES[name]["vocab_size"])
     result: dict[str, Any] = {"shape": SHAPES[name], "backend": stack.deltas.methods["lora"].backend.name}
+    peft_names = (families["lora-r8-qv"][:2] + families["lora-r16-all"][:2])[:len(texts) - 1]
+    result["parity"] = guarded(parity, stack, model_dir, adapters, peft_names, texts, device, dtype)
     stack.engine.start()
     try:
         tok_s = engine_runs(stack, texts, families, plan)

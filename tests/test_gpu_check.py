@@ -31,6 +31,10 @@ def test_dry_run_writes_every_figure(tmp_path):
     figures = [*tiny["engine_tok_s"].values(), tiny["hf_generate_tok_s"], tiny["peft_mixed_r8_qv_tok_s"]]
     assert all(isinstance(v, float) and math.isfinite(v) for v in figures)
     assert tiny["bandwidth"]["lora-r16-all"]["bytes_per_step"] > tiny["bandwidth"]["base"]["bytes_per_step"]
+    # Model-level parity with PEFT (fp32 here: tests/tolerance.py's bound), prefill and two decode steps.
+    parity = tiny["parity"]
+    assert parity["all_pass"] and parity["adapters_distinguishable"], parity.get("worst", parity)
+    assert {row["round"] for row in parity["rows"]} == {0, 1, 2} and len(parity["rows"]) == 12
     # The dry run takes the GPU's kernels, interpreted, and replays its decode steps as the GPU run captures them.
     assert tiny["backend"] == "triton"
     graphs = tiny["cuda_graphs"]
