@@ -19,11 +19,21 @@ PROMPTS = [f"Write a short story about a {thing} who {deed}." for thing in
            for deed in ("learns to sing", "gets lost", "finds a key", "builds a house")]
 
 
-def submit_all(engine: Engine, requests: list[GenerationRequest]) -> list[threading.Event]:
+def submit_all(engine: Engine, requests: list[GenerationRequest],
+               results: dict[int, Any] | None = None) -> list[threading.Event]:
+    """Submits every request; each event is set when its request finishes, and `results` (when given) gets each
+    request's GenerationResult (None if it failed) under its index."""
     events = []
-    for request in requests:
+    for index, request in enumerate(requests):
         done = threading.Event()
-        engine.submit(request, lambda out, done=done: done.set() if out.finished else None)
+
+        def sink(out: Any, index: int = index, done: threading.Event = done) -> None:
+            if out.finished:
+                if results is not None:
+                    results[index] = out.result
+                done.set()
+
+        engine.submit(request, sink)
         events.append(done)
     return events
 

@@ -24,7 +24,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import decode_throughput, emit, generate_decode_throughput, requests_for  # noqa: E402
+from benchmarks.common import decode_throughput, emit, generate_decode_throughput, requests_for, submit_all  # noqa: E402
 from benchmarks.gpu_check_models import SHAPES, build_model_dir, prompts, weight_bytes  # noqa: E402
 from benchmarks.gpu_check_parity import parity  # noqa: E402
 from benchmarks.lora_fixtures import ALL_LINEARS, QV, write_peft_lora  # noqa: E402
@@ -116,18 +115,7 @@ def engine_runs(stack: Any, texts: list[str], families: dict[str, list[str]], pl
 def greedy_tokens(engine: Any, requests: list[Any]) -> list[list[int]]:
     """Every request's generated tokens (all submitted at once; [] for one that failed)."""
     results: dict[int, Any] = {}
-    events = []
-    for index, request in enumerate(requests):
-        done = threading.Event()
-
-        def sink(out: Any, index: int = index, done: threading.Event = done) -> None:
-            if out.finished:
-                results[index] = out.result
-                done.set()
-
-        engine.submit(request, sink)
-        events.append(done)
-    for done in events:
+    for done in submit_all(engine, requests, results):
         done.wait()
     return [list(results[i].token_ids) if results[i] is not None else [] for i in range(len(requests))]
 

@@ -100,7 +100,7 @@ def segment_batch(token_slots: list[int]) -> BatchDescriptor:
     return BatchDescriptor(input_ids=t, positions=t, slot_mapping=t, logits_indices=empty, prefill_ranges=[],
                            decode_rows=empty, decode_block_tables=empty.view(0, 0),
                            decode_visibility=DecodeVisibility(empty, empty, empty), block_size=1,
-                           segments=AdapterSegments(bounds, slots, t, t))
+                           segments=AdapterSegments(bounds, slots))
 
 
 def chat_ids(tokenizer: Any, prompt: str) -> list[int]:

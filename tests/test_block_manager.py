@@ -133,3 +133,17 @@ def test_admission_counts_the_blocks_a_prompt_shares_with_running_sequences():
     assert blocks.can_allocate(again)
     blocks.allocate(again)
     assert again.num_cached == 16 and blocks.num_free == 1
+
+
+def test_admission_credits_no_shared_block_before_the_adapter_is_bound():
+    """Admission checks blocks before it binds an adapter: an adapter request whose tokens match blocks a base-model
+    request holds is not counted as sharing them (after binding it shares none)."""
+    blocks = BlockManager(num_blocks=6, block_size=BS)
+    running = _seq(list(range(17)))
+    blocks.allocate(running)
+    _computed(blocks, running)
+    unbound = _seq(list(range(16)) + [50])
+    unbound.adapter_id = "lora"
+    assert not blocks.can_allocate(unbound)        # 5 blocks needed, 1 free
+    unbound.adapter_id = ""
+    assert blocks.can_allocate(unbound)            # as a base request it shares 4

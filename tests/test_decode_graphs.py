@@ -97,7 +97,7 @@ class Stack:
         return rows
 
     def eager(self, rows: StepRows) -> torch.Tensor:
-        batch = self.runner.describe([], rows)
+        batch = self.runner.describe(rows)
         self.deltas.prepare(batch)
         return self.model(batch, self.kv)
 

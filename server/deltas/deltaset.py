@@ -49,7 +49,7 @@ class DeltaSet:
     def prepare(self, batch: BatchDescriptor) -> None:
         if not batch.segments.has_adapters and batch.row_slots is None:
             return
-        for name in sorted(self._used):
+        for name in self._used:
             self.methods[name].prepare(batch)
 
     def launch_key(self) -> tuple:

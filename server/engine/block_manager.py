@@ -14,6 +14,7 @@ import hashlib
 from array import array
 from collections import OrderedDict, deque
 
+from server.engine.binding import NO_ADAPTER
 from server.engine.request import Sequence
 
 
@@ -37,6 +38,10 @@ class BlockManager:
         self._cached: OrderedDict[int, None] = OrderedDict()     # unreferenced, registered; least recent first
         self._by_hash: dict[bytes, int] = {}
         self._hash_of: dict[int, bytes] = {}
+        # The last `_reusable` answer and what it depends on (sequence, length, cache key, the cache's generation):
+        # admission asks can_allocate and then allocate for the same sequence in one step.
+        self._generation = 0   # bumped whenever a hash is registered or evicted
+        self._last: tuple[tuple[Sequence, int, bytes, int], list[tuple[int, bytes]]] | None = None
         self.queried_tokens = 0   # prompt tokens looked up in the cache at admission (counters, engine thread)
         self.hit_tokens = 0       # of those, found cached
 
@@ -57,7 +62,10 @@ class BlockManager:
         return max(0, self.blocks_for(len(seq)) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence) -> bool:
-        return self._needed(seq, self._reusable(seq)) <= self.num_free
+        # Admission asks before it binds the sequence's adapter: until then its cache key is unknown, and the blocks
+        # it may share are not counted (allocate, after binding, then takes at most this many).
+        bound = seq.binding is not NO_ADAPTER or not seq.adapter_id
+        return self._needed(seq, self._reusable(seq) if bound else None) <= self.num_free
 
     def allocate(self, seq: Sequence) -> None:
         """Gives `seq` blocks for all its tokens; a sequence with none yet first takes its cached leading blocks
@@ -80,6 +88,10 @@ class BlockManager:
         if not self.caching or seq.block_table:
             return None
         tokens, bs, key = seq.all_ids, self.block_size, seq.binding.cache_key
+        if self._last is not None:
+            (last, length, last_key, generation), found = self._last
+            if last is seq and (length, last_key, generation) == (len(seq), key, self._generation):
+                return found
         found: list[tuple[int, bytes]] = []
         parent = b""
         for index in range((len(tokens) - 1) // bs):
@@ -89,6 +101,7 @@ class BlockManager:
                 break
             found.append((block, digest))
             parent = digest
+        self._last = ((seq, len(seq), key, self._generation), found)
         return found
 
     def _needed(self, seq: Sequence, reusable: list[tuple[int, bytes]] | None) -> int:
@@ -120,6 +133,7 @@ class BlockManager:
             # Another sequence may have computed the same block in the same step: the first one stays.
             if digest not in self._by_hash and block not in self._hash_of:
                 self._by_hash[digest], self._hash_of[block] = block, digest
+                self._generation += 1
 
     def free(self, seq: Sequence) -> None:
         for block in seq.block_table:
@@ -148,6 +162,7 @@ class BlockManager:
         else:   # evict the least recently used cached block
             block, _ = self._cached.popitem(last=False)
             del self._by_hash[self._hash_of.pop(block)]
+            self._generation += 1
         self._refs[block] = 1
         return block
 

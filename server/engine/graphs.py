@@ -99,7 +99,7 @@ class StaticDecodeBatch:
             input_ids=ids, positions=positions, slot_mapping=slots, logits_indices=index, prefill_ranges=[],
             decode_rows=index, decode_block_tables=self.tables[:bucket],
             decode_visibility=DecodeVisibility(prefix, own, lengths), block_size=self.block_size,
-            segments=AdapterSegments(bounds=[0, bucket], slots=[-1], token_slots=row_slots, seq_slots=row_slots),
+            segments=AdapterSegments(bounds=[0, bucket], slots=[-1]),
             decode_is_all=True, row_slots=row_slots)
 
 

@@ -34,7 +34,7 @@ class ModelRunner:
         if self.graphs is not None and rows.decode_only and self.graphs.fits(rows):
             logits = self.graphs.run(rows)
         else:
-            batch = self.describe(seqs, rows)
+            batch = self.describe(rows)
             if self.deltas is not None:
                 self.deltas.prepare(batch)
             logits = self.model(batch, self.kv_cache)
@@ -45,11 +45,6 @@ class ModelRunner:
                 sampling.append(seq)
         return sampling, logits
 
-    def prepare(self, step: ScheduledStep) -> tuple[list[Sequence], BatchDescriptor]:
-        """The step's sequences in batch order and its (eager) batch descriptor."""
-        seqs, rows = self.lay_out(step)
-        return seqs, self.describe(seqs, rows)
-
     def lay_out(self, step: ScheduledStep) -> tuple[list[Sequence], StepRows]:
         # Sorting by adapter slot makes each adapter's rows one contiguous segment.
         seqs = sorted(step.sequences, key=lambda s: s.adapter_slot)
@@ -58,7 +53,7 @@ class ModelRunner:
             self._add(rows, seq, step.num_tokens(seq))
         return seqs, rows
 
-    def describe(self, seqs: list[Sequence], rows: StepRows) -> BatchDescriptor:
+    def describe(self, rows: StepRows) -> BatchDescriptor:
         return BatchDescriptor(
             input_ids=self._tensor(rows.ids),
             positions=self._tensor(rows.positions),
@@ -69,7 +64,7 @@ class ModelRunner:
             decode_block_tables=self._block_tables(rows.tables),
             decode_visibility=self._visibility(rows.lengths, rows.shared_tokens),
             block_size=self.block_size,
-            segments=self._segments(seqs, rows.token_slots),
+            segments=self._segments(rows.token_slots),
             decode_is_all=rows.decode_only,
             prefill_context=[self._tensor(c) if c else None for c in rows.context_slots],
             prefill_masks=[self._causal_after(len(c), n) if c else None
@@ -116,7 +111,7 @@ class ModelRunner:
         own = own_starts(shared_tokens, self.block_size)
         return DecodeVisibility(*(self._tensor(v, torch.int32) for v in (shared_tokens, own, lengths)))
 
-    def _segments(self, seqs: list[Sequence], token_slots: list[int]) -> AdapterSegments:
+    def _segments(self, token_slots: list[int]) -> AdapterSegments:
         bounds, seg_slots = [0], []
         for row, slot in enumerate(token_slots):
             if not seg_slots or slot != seg_slots[-1]:
@@ -124,5 +119,4 @@ class ModelRunner:
                     bounds.append(row)
                 seg_slots.append(slot)
         bounds.append(len(token_slots))
-        return AdapterSegments(bounds=bounds, slots=seg_slots, token_slots=self._tensor(token_slots),
-                               seq_slots=self._tensor([s.adapter_slot for s in seqs]))
+        return AdapterSegments(bounds=bounds, slots=seg_slots)

@@ -20,8 +20,6 @@ class AdapterSegments:
 
     bounds: list[int]        # [num_segments + 1] row offsets; segment s is rows bounds[s]:bounds[s+1]
     slots: list[int]         # [num_segments] device adapter slot per segment, -1 for base rows
-    token_slots: torch.Tensor  # [num_tokens] adapter slot of every row, -1 for base rows
-    seq_slots: torch.Tensor    # [num_seqs] adapter slot of every sequence, in logits order
 
     @property
     def num_segments(self) -> int:

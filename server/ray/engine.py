@@ -111,11 +111,12 @@ class DeltaEngine:
 
     def stats(self) -> dict[str, Any]:
         """Where requests ran: this replica's id and pid, adapter loads and evictions, the adapters resident for
-        Ray and registered in the engine, requests per adapter id."""
+        Ray and registered in the engine, requests per adapter id, engine steps run so far."""
         context = serve.get_replica_context()
         return {"replica": context.replica_id.unique_id, "pid": os.getpid(), "loads": self.adapters.loads,
                 "evictions": self.adapters.evictions, "resident": self.adapters.resident(), "threads": self.threads,
-                "registered": sorted(self.stack.store.names()), "requests": dict(self.adapters.requests)}
+                "registered": sorted(self.stack.store.names()), "requests": dict(self.adapters.requests),
+                "steps": self.stack.engine.stats().steps}
 
     def _adapter(self, request: pb.GenerateRequest) -> str:
         routed = serve.get_multiplexed_model_id()
